@@ -1,0 +1,3 @@
+"""fedsynth: privacy-preserving federated synthetic data."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,160 @@
+"""Federation spec files: one TOML file declares the table, the model and the privacy policy.
+
+The keys are documented in docs/spec.md. Loading validates everything with pydantic and
+turns any problem into a :class:`SpecError` whose message names the file and the key, for
+example ``bank.toml: privacy.target_epsilon: must be greater than 0``.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fedsynth.generative.schema import Column, Schema
+
+
+class SpecError(ValueError):
+    """A spec file is missing, unreadable or invalid; the message names the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class FederationSection(_Section):
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")]
+    sector: Annotated[str, Field(min_length=1)]
+    description: str = ""
+
+
+class ModelSection(_Section):
+    kind: Literal["gan", "vae"]
+    # Hidden widths of the generator (GAN) or decoder (VAE); small tables want small nets.
+    generator_hidden: list[Annotated[int, Field(ge=4, le=4096)]] = [128, 128]
+    # Hidden widths of the discriminator (GAN) or encoder (VAE).
+    critic_hidden: list[Annotated[int, Field(ge=4, le=4096)]] = [128, 128]
+    latent_dim: Annotated[int, Field(ge=1, le=1024)] = 32
+    default_bins: Annotated[int, Field(ge=2, le=200)] = 16
+
+
+class PrivacySection(_Section):
+    # inf (TOML's float literal) or "inf" trains without differential privacy.
+    target_epsilon: float
+    delta: Annotated[float, Field(gt=0, lt=1)] = 1e-5
+    max_grad_norm: Annotated[float, Field(gt=0)] = 1.0
+    accountant: Literal["prv", "rdp"] = "prv"
+    # Share of target_epsilon (before composition) spent on a Gaussian histogram of the
+    # target column, which unconditional sampling draws the target from; 0 turns it off.
+    marginal_share: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    secure_aggregation: bool = True
+
+    @field_validator("target_epsilon", mode="before")
+    @classmethod
+    def _parse_inf(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() in {"inf", "infinity"}:
+            return math.inf
+        return value
+
+    @field_validator("target_epsilon")
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        if math.isnan(value) or value <= 0:
+            raise ValueError("must be greater than 0 (or inf for a non-private model)")
+        return value
+
+    @property
+    def is_private(self) -> bool:
+        return math.isfinite(self.target_epsilon)
+
+
+class TrainingSection(_Section):
+    epochs: Annotated[float, Field(gt=0)] | None = None
+    steps: Annotated[int, Field(gt=0)] | None = None
+    batch_size: Annotated[int, Field(ge=2, le=65536)] = 256
+    generator_lr: Annotated[float, Field(gt=0, le=1)] = 2e-4
+    critic_lr: Annotated[float, Field(gt=0, le=1)] = 2e-4
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _epochs_or_steps(self) -> TrainingSection:
+        if (self.epochs is None) == (self.steps is None):
+            raise ValueError("set exactly one of training.epochs and training.steps")
+        return self
+
+    def steps_per_epoch(self, n_rows: int) -> int:
+        """Poisson-sampled batches per epoch; the sample rate is its inverse (as in Opacus)."""
+        return max(1, math.ceil(n_rows / self.batch_size))
+
+    def planned_steps(self, n_rows: int) -> int:
+        """Optimizer steps over ``n_rows`` rows."""
+        if self.steps is not None:
+            return self.steps
+        assert self.epochs is not None
+        return max(1, round(self.epochs * self.steps_per_epoch(n_rows)))
+
+
+class FederationSpec(_Section):
+    federation: FederationSection
+    columns: Annotated[list[Column], Field(min_length=1)]
+    model: ModelSection
+    privacy: PrivacySection
+    training: TrainingSection
+
+    @model_validator(mode="after")
+    def _valid_schema(self) -> FederationSpec:
+        Schema(columns=self.columns)  # duplicate names, targets, ...
+        return self
+
+    @property
+    def schema(self) -> Schema:
+        return Schema(columns=self.columns)
+
+
+def _location(spec: dict[str, Any], loc: tuple[int | str, ...]) -> str:
+    """'columns[3] (balance).max' instead of pydantic's ('columns', 3, 'max')."""
+    parts: list[str] = []
+    for i, item in enumerate(loc):
+        if isinstance(item, int) and i > 0 and loc[i - 1] == "columns":
+            name = ""
+            columns = spec.get("columns")
+            if isinstance(columns, list) and item < len(columns) and isinstance(columns[item], dict):
+                name = f" ({columns[item].get('name', '?')})"
+            parts[-1] = f"{parts[-1]}[{item}]{name}"
+        else:
+            parts.append(str(item))
+    return ".".join(parts) or "(top level)"
+
+
+def _format(error: dict[str, Any], raw: dict[str, Any]) -> str:
+    loc = tuple(p for p in error["loc"] if not str(p).startswith("function-after"))
+    msg = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        msg = "unknown key (see docs/spec.md for the keys)"
+    elif error["type"] == "missing":
+        msg = "required key is missing"
+    return f"{_location(raw, loc)}: {msg}"
+
+
+def parse_spec(raw: dict[str, Any], source: str = "spec") -> FederationSpec:
+    try:
+        return FederationSpec.model_validate(raw)
+    except ValidationError as exc:
+        lines = [_format(e, raw) for e in exc.errors()]
+        raise SpecError(f"{source}: " + "\n  ".join(lines)) from None
+
+
+def load_spec(path: str | Path) -> FederationSpec:
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SpecError(f"{path}: no such spec file") from None
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SpecError(f"{path}: invalid TOML: {exc}") from None
+    return parse_spec(raw, source=path.name)
