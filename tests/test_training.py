@@ -22,8 +22,19 @@ def test_epsilon_hits_target_and_recomputes_from_history(kind):
     assert privacy["epsilon"] <= 1.0
     recomputed = epsilon_of(privacy["accountant_history"], privacy["delta"], privacy["accountant"])
     assert recomputed == pytest.approx(privacy["epsilon"], rel=1e-9)
-    steps = sum(t for _, _, t in privacy["accountant_history"])
-    assert steps == privacy["steps"] == 8
+    histogram, *sgd = privacy["accountant_history"]
+    release = privacy["released"]["target_marginal"]
+    assert histogram == [release["noise_multiplier"], 1.0, 1]  # the DP target marginal
+    assert release["noise_multiplier"] > 0 and release["column"] == "outcome"
+    assert sum(t for _, _, t in sgd) == privacy["steps"] == 8
+
+
+def test_marginal_release_can_be_turned_off():
+    raw = small_spec_dict("vae", steps=4)
+    raw["privacy"]["marginal_share"] = 0
+    privacy = train(small_frame(), parse_spec(raw)).metadata["privacy"]
+    assert privacy["released"] == {}
+    assert sum(t for _, _, t in privacy["accountant_history"]) == 4
 
 
 @pytest.mark.parametrize("kind,private", [("gan", "critic"), ("vae", "vae")])

@@ -242,6 +242,13 @@ class Codec:
             cond[:, int(self.cond_offsets[j]) + level] = 1.0
         return cond
 
+    def discrete_index(self, name: str) -> int:
+        """Position of a discrete column among the conditional vector's blocks."""
+        for j, codec in enumerate(self.discrete):
+            if codec.column.name == name:
+                return j
+        raise KeyError(f"{name!r} is not a categorical or boolean column")
+
     def condition_level(self, name: str, value: object) -> tuple[int, int]:
         """(index among discrete columns, level index) for one equality condition."""
         for j, codec in enumerate(self.discrete):

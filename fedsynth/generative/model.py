@@ -128,8 +128,7 @@ class SynthModel:
         release = self.metadata["privacy"].get("released", {}).get("target_marginal")
         if not release or release["column"] in conditions:
             return None
-        j = next(i for i, c in enumerate(self.codec.discrete) if c.column.name == release["column"])
-        return j, torch.tensor(release["probabilities"], dtype=torch.float64)
+        return self.codec.discrete_index(release["column"]), torch.tensor(release["probabilities"], dtype=torch.float64)
 
     @torch.inference_mode()
     def _sample_chunk(

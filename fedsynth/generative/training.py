@@ -44,9 +44,15 @@ from fedsynth.generative.model import SynthModel, build_modules
 from fedsynth.generative.networks import activate, condition_loss, reconstruction_loss
 from fedsynth.generative.spec import FederationSpec
 
+#: Scale of the Gaussian likelihood of in-bin offsets in the VAE's reconstruction loss.
+OFFSET_SIGMA = 0.1
 #: Share of training rows whose condition is left empty, so that the generator also
 #: learns the unconditional joint distribution (used by plain ``sample(n)``).
 P_UNCONDITIONED = 0.5
+#: Scale of the Gaussian likelihood of in-bin offsets in the VAE's reconstruction loss.
+OFFSET_SIGMA = 0.1
+#: Share of training rows whose condition reveals the target, when its marginal is released.
+P_TARGET_REVEALED = 0.9
 
 
 @dataclass(frozen=True)
@@ -120,6 +126,7 @@ def _train(
     engine: PrivacyEngine | None = None
     private_module: nn.Module = modules[private_name]
     marginal, prior = release_target_marginal(codec, levels, spec)
+    target = codec.discrete_index(marginal["column"]) if marginal else None
     if privacy.is_private:
         noise = calibrate_noise(
             target_epsilon=privacy.target_epsilon, delta=privacy.delta,
@@ -142,12 +149,13 @@ def _train(
         batches = lambda: iter(torch.randperm(n_rows).split(training.batch_size))  # noqa: E731
 
     stepper = (
-        _GanStepper(modules, private_module, optimizer, reduce, codec, training, arch)
+        _GanStepper(modules, private_module, optimizer, reduce, codec, training, arch, target)
         if spec.model.kind == "gan"
-        else _VaeStepper(private_module, optimizer, reduce, codec, arch)
+        else _VaeStepper(private_module, optimizer, reduce, codec, arch, target)
     )
     step, epoch = 0, 0
     epochs = math.ceil(steps / steps_per_epoch)
+    loop_started = time.perf_counter()
     public_losses: list[dict[str, float]] = []
     while step < steps:
         epoch += 1
@@ -170,6 +178,7 @@ def _train(
             )
             progress(Progress(epoch, epochs, step, steps, means, eps))
 
+    loop_seconds = time.perf_counter() - loop_started
     epsilon: float | str = "inf"
     history: list[list[float]] = []
     if engine is not None:
@@ -203,6 +212,7 @@ def _train(
             "batch_size": training.batch_size,
             "seed": training.seed,
             "fit_seconds": round(time.perf_counter() - started, 3),
+            "loop_seconds": round(loop_seconds, 3),  # SGD steps only, without calibration
             "public_losses": public_losses,
         },
         "versions": {
@@ -233,7 +243,7 @@ def release_target_marginal(
     privacy, target = spec.privacy, spec.schema.target
     if target is None or not target.is_discrete or target.nullable or privacy.marginal_share == 0:
         return None, []
-    j = next(i for i, c in enumerate(codec.discrete) if c.column.name == target.name)
+    j = codec.discrete_index(target.name)
     counts = torch.bincount(levels[:, j], minlength=codec.discrete[j].n_bins).double()
     sigma = 0.0
     if privacy.is_private:
@@ -251,33 +261,42 @@ def release_target_marginal(
     return release, ([(sigma, 1.0, 1)] if privacy.is_private else [])
 
 
-def training_conditions(levels: torch.Tensor, codec: Codec) -> torch.Tensor:
-    """Condition per real row: empty, or one of its own discrete values, at random."""
-    n = levels.shape[0]
-    cond = torch.zeros(n, codec.cond_width)
-    if not codec.discrete or n == 0:
-        return cond
-    column = torch.randint(len(codec.discrete), (n,))
-    level = levels[torch.arange(n), column]
-    use = (level >= 0) & (torch.rand(n) >= P_UNCONDITIONED)
-    offsets = torch.as_tensor(codec.cond_offsets[:-1], dtype=torch.long)
-    rows = torch.nonzero(use).squeeze(1)
-    cond[rows, offsets[column[rows]] + level[rows]] = 1.0
-    return cond
+def training_conditions(
+    levels: torch.Tensor, codec: Codec, target: int | None = None
+) -> torch.Tensor:
+    """Condition per real row, revealing only that row's own discrete values.
+
+    Without a released target marginal: empty for half of the rows, else one random
+    discrete column. With one (``target`` = its index among discrete columns): the target
+    is revealed for most rows, since unconditional sampling always conditions on it, and
+    another random column for half of the rows, so that user conditions still work.
+    """
+    return _conditions(levels.shape[0], codec, target, lambda column, n: levels[torch.arange(n), column])
 
 
-def public_conditions(n: int, codec: Codec) -> torch.Tensor:
-    """Conditions drawn from the schema alone: uniform column, uniform declared level."""
-    cond = torch.zeros(n, codec.cond_width)
-    if not codec.discrete or n == 0:
-        return cond
+def public_conditions(n: int, codec: Codec, target: int | None = None) -> torch.Tensor:
+    """The same pattern of conditions, with levels drawn uniformly from the schema."""
     sizes = torch.as_tensor([c.n_bins for c in codec.discrete], dtype=torch.float64)
-    column = torch.randint(len(codec.discrete), (n,))
-    level = (torch.rand(n, dtype=torch.float64) * sizes[column]).long()
-    use = torch.rand(n) >= P_UNCONDITIONED
+    return _conditions(
+        n, codec, target, lambda column, m: (torch.rand(m, dtype=torch.float64) * sizes[column]).long()
+    )
+
+
+def _conditions(
+    n: int, codec: Codec, target: int | None,
+    level_of: Callable[[torch.Tensor, int], torch.Tensor],
+) -> torch.Tensor:
+    cond = torch.zeros(n, codec.cond_width)
+    if not codec.discrete or n == 0:
+        return cond
     offsets = torch.as_tensor(codec.cond_offsets[:-1], dtype=torch.long)
-    rows = torch.nonzero(use).squeeze(1)
-    cond[rows, offsets[column[rows]] + level[rows]] = 1.0
+    picks = [(torch.randint(len(codec.discrete), (n,)), torch.rand(n) >= P_UNCONDITIONED)]
+    if target is not None:
+        picks.append((torch.full((n,), target), torch.rand(n) < P_TARGET_REVEALED))
+    for column, use in picks:
+        level = level_of(column, n)
+        rows = torch.nonzero(use & (level >= 0)).squeeze(1)
+        cond[rows, offsets[column[rows]] + level[rows]] = 1.0
     return cond
 
 
@@ -308,7 +327,8 @@ def _frozen(critic: nn.Module) -> Iterator[None]:
 class _GanStepper:
     public_losses = frozenset({"generator"})
 
-    def __init__(self, modules, critic, critic_opt, reduce, codec, training, arch) -> None:
+    def __init__(self, modules, critic, critic_opt, reduce, codec, training, arch, target) -> None:
+        self.target = target
         self.generator = modules["generator"]
         self.critic = critic
         self.critic_opt = critic_opt
@@ -324,7 +344,7 @@ class _GanStepper:
     def step(self, real: torch.Tensor, levels: torch.Tensor) -> dict[str, float]:
         codec, n = self.codec, real.shape[0]
         # Critic: DP-SGD on (real_i, fake_i) pairs sharing row i's condition.
-        cond = training_conditions(levels, codec)
+        cond = training_conditions(levels, codec, self.target)
         with torch.no_grad():
             fake = activate(self.generator(torch.randn(n, self.latent_dim), cond), codec)
         pairs = torch.stack([torch.cat([real, cond], 1), torch.cat([fake, cond], 1)], dim=1)
@@ -335,7 +355,7 @@ class _GanStepper:
         self.critic_opt.step()
         # Generator: public conditions, the critic frozen (no per-sample hooks fire).
         m = self.batch_size
-        cond = public_conditions(m, codec)
+        cond = public_conditions(m, codec, self.target)
         raw = self.generator(torch.randn(m, self.latent_dim), cond)
         fake = torch.cat([activate(raw, codec), cond], 1)
         with _frozen(self.critic):
@@ -349,16 +369,17 @@ class _GanStepper:
 class _VaeStepper:
     public_losses: frozenset[str] = frozenset()
 
-    def __init__(self, vae, optimizer, reduce, codec, arch) -> None:
+    def __init__(self, vae, optimizer, reduce, codec, arch, target) -> None:
+        self.target = target
         self.vae, self.optimizer, self.reduce, self.codec = vae, optimizer, reduce, codec
         self.latent_dim = arch["latent_dim"]
 
     def step(self, real: torch.Tensor, levels: torch.Tensor) -> dict[str, float]:
-        cond = training_conditions(levels, self.codec)
+        cond = training_conditions(levels, self.codec, self.target)
         eps = torch.randn(real.shape[0], self.latent_dim)
         self.optimizer.zero_grad(set_to_none=True)
         raw, mu, logvar = self.vae(real, cond, eps)
-        recon = reconstruction_loss(raw, real, self.codec)
+        recon = reconstruction_loss(raw, real, self.codec, sigma=OFFSET_SIGMA)
         kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(dim=1)
         loss = self.reduce(recon + kl)
         loss.backward()

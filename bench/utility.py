@@ -1,0 +1,206 @@
+"""Utility benchmark: our DP GAN and VAE against public synthesizers, in one run.
+
+For each table (bank = ISLR Default, loans, hospital, retail), a fixed 80/20 split
+(``split_holdout``, seed 0); every method trains on the 80%, samples as many rows, and is
+scored by the same code (fedsynth.generative.quality): QualityReport-equivalent quality,
+TSTR vs TRTR ROC AUC on the 20%, and median distance to closest record.
+
+Ours: fedsynth-gan and fedsynth-vae at epsilon 1, 3 and inf (model sizes and training from
+the table's spec, kind overridden). Baselines (run in their own venv, bench/baselines/,
+because of their licences and pinned Opacus): sdv-ctgan and sdv-tvae (non-private),
+smartnoise-dpctgan and smartnoise-aim at epsilon 1 and 3, all with our delta.
+
+Prints one JSON line per (dataset, method, epsilon), writes them to
+bench/results/utility.jsonl and the table in docs/benchmarks.md. Also measures, in the
+same run, our DP training throughput against the same model without DP.
+
+    python bench/utility.py --quick          # bank, ours only (< 5 minutes)
+    python bench/utility.py                  # everything (baselines venv built if missing)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+from fedsynth.demo.data import prepare_demo_tables, split_holdout
+from fedsynth.generative import quality
+from fedsynth.generative.model import SynthModel
+from fedsynth.generative.spec import FederationSpec, load_spec, parse_spec
+from fedsynth.generative.table import read_table, validate_table
+from fedsynth.generative.training import train
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results" / "utility.jsonl"
+DOC = REPO / "docs" / "benchmarks.md"
+BASELINE_VENV = REPO / "bench" / ".venv-baselines"
+DATASETS = ("bank", "loans", "hospital", "retail")
+OURS = ("fedsynth-gan", "fedsynth-vae")
+BASELINES = {"sdv-ctgan": ("inf",), "sdv-tvae": ("inf",),
+             "smartnoise-dpctgan": (1.0, 3.0), "smartnoise-aim": (1.0, 3.0)}
+SAMPLE_ROWS_FOR_SPEED = 500_000
+METRICS = ("quality", "column_shapes", "column_pair_trends", "tstr_auc", "trtr_auc",
+           "dcr_synth_train", "dcr_holdout")
+
+
+def spec_for(dataset: str, kind: str, epsilon: float) -> FederationSpec:
+    raw = load_spec(REPO / "federations" / f"{dataset}.toml").model_dump(mode="python")
+    raw["model"]["kind"] = kind
+    raw["privacy"]["target_epsilon"] = epsilon
+    return parse_spec(raw, source=f"{dataset} ({kind}, epsilon {epsilon})")
+
+
+def sampling_speed(model: SynthModel) -> float:
+    """Rows/s of sample() alone, best of 3, after a warm-up (generation + decode)."""
+    model.sample(10_000, seed=0)
+    best = math.inf
+    for seed in range(3):
+        start = time.perf_counter()
+        model.sample(SAMPLE_ROWS_FOR_SPEED, seed=seed)
+        best = min(best, time.perf_counter() - start)
+    return SAMPLE_ROWS_FOR_SPEED / best
+
+
+def run_ours(dataset: str, method: str, epsilon: float, tables: dict) -> dict:
+    kind = method.removeprefix("fedsynth-")
+    spec = spec_for(dataset, kind, epsilon)
+    train_rows, holdout = (validate_table(t, spec.schema) for t in tables[dataset])
+    model = train(train_rows, spec)
+    fit_s = model.metadata["training"]["fit_seconds"]
+    synthetic = model.sample(len(train_rows), seed=1)
+    scores = quality.evaluate(train_rows, holdout, synthetic, spec.schema)
+    steps, batch = model.metadata["training"]["steps"], spec.training.batch_size
+    return {
+        **scores, "fit_s": fit_s, "sample_rows_per_s": sampling_speed(model),
+        "train_rows_per_s": steps * batch / model.metadata["training"]["loop_seconds"],
+        "epsilon_spent": model.metadata["privacy"]["epsilon"],
+    }
+
+
+def ensure_baseline_venv() -> Path:
+    python = BASELINE_VENV / "bin" / "python"
+    if not python.exists():
+        subprocess.run(["bash", str(REPO / "bench" / "baselines" / "setup_venv.sh")], check=True)
+    return python
+
+
+def columns_json(spec: FederationSpec) -> dict:
+    cols = []
+    for c in spec.schema.modelled:
+        entry: dict = {"name": c.name, "type": c.type.value}
+        if c.type.value == "categorical":
+            entry["categories"] = c.levels
+        if c.is_numeric:
+            entry["min"], entry["max"] = (str(c.min), str(c.max)) if c.type.value == "datetime" \
+                else (c.min, c.max)
+        cols.append(entry)
+    return {"columns": cols}
+
+
+def run_baseline(dataset: str, method: str, epsilon: float | str, tables: dict) -> dict:
+    python = ensure_baseline_venv()
+    spec = load_spec(REPO / "federations" / f"{dataset}.toml")
+    train_raw, holdout_raw = tables[dataset]
+    train_rows, holdout = (validate_table(t, spec.schema) for t in (train_raw, holdout_raw))
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        csv_cols = [c.name for c in spec.schema.modelled]
+        train_raw[csv_cols].to_csv(tmp / "train.csv", index=False)
+        (tmp / "columns.json").write_text(json.dumps(columns_json(spec)))
+        cmd = [str(python), str(REPO / "bench" / "baselines" / "run_baseline.py"),
+               "--method", method, "--epsilon", str(epsilon), "--train", str(tmp / "train.csv"),
+               "--columns", str(tmp / "columns.json"), "--n", str(len(train_rows)),
+               "--seed", "1", "--out", str(tmp / "synth.csv"), "--timing", str(tmp / "t.json"),
+               "--delta", str(spec.privacy.delta)]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        timing = json.loads((tmp / "t.json").read_text())
+        synthetic = validate_table(read_table(tmp / "synth.csv"), spec.schema)
+    scores = quality.evaluate(train_rows, holdout, synthetic, spec.schema)
+    return {**scores, "fit_s": timing["fit_s"], "sample_rows_per_s": timing["sample_rows_per_s"]}
+
+
+def write_doc(rows: list[dict]) -> None:
+    def fmt(v: object) -> str:
+        if v is None:
+            return "-"
+        return f"{v:.3f}" if isinstance(v, float) and v < 100 else (
+            f"{v:,.0f}" if isinstance(v, float) else str(v))
+
+    head = ["dataset", "method", "epsilon", *METRICS, "fit_s", "sample_rows_per_s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        lines.append("| " + " | ".join(fmt(r.get(k)) for k in head) + " |")
+    table = "\n".join(lines)
+    start, end = "<!-- utility:start -->", "<!-- utility:end -->"
+    text = DOC.read_text() if DOC.exists() else f"# Benchmarks\n\n{start}\n{end}\n"
+    if start not in text:
+        text += f"\n{start}\n{end}\n"
+    before, rest = text.split(start, 1)
+    after = rest.split(end, 1)[1]
+    DOC.write_text(f"{before}{start}\n{table}\n{end}{after}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="bank only, ours only")
+    parser.add_argument("--datasets", nargs="*", default=None)
+    parser.add_argument("--no-baselines", action="store_true")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    datasets = ("bank",) if args.quick else tuple(args.datasets or DATASETS)
+    with_baselines = not (args.quick or args.no_baselines)
+    home = Path(os.environ.get("FEDSYNTH_HOME") or Path.home() / ".fedsynth")
+    paths = prepare_demo_tables(home / "data", names=datasets)
+    tables = {d: split_holdout(read_table(paths[d])) for d in datasets}
+
+    rows: list[dict] = []
+    for dataset in datasets:
+        jobs = [(m, e) for m in OURS for e in (1.0, 3.0, math.inf)]
+        if with_baselines:
+            jobs += [(m, e) for m, eps in BASELINES.items() for e in eps]
+        for method, epsilon in jobs:
+            eps_label = "inf" if epsilon in (math.inf, "inf") else float(epsilon)
+            started = time.perf_counter()
+            try:
+                if method in OURS:
+                    result = run_ours(dataset, method, float(epsilon), tables)
+                else:
+                    result = run_baseline(dataset, method, epsilon, tables)
+            except (subprocess.CalledProcessError, OSError) as exc:
+                result = {"error": f"{type(exc).__name__}: {exc}"}
+            row = {"dataset": dataset, "method": method, "epsilon": eps_label,
+                   **{k: result.get(k) for k in (*METRICS, "fit_s", "sample_rows_per_s")},
+                   **{k: v for k, v in result.items() if k not in METRICS},
+                   "wall_s": round(time.perf_counter() - started, 1)}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+
+    # DP training throughput vs the same model without DP, from the same run.
+    for dataset in datasets:
+        for method in OURS:
+            dp = next(r for r in rows if r["dataset"] == dataset and r["method"] == method
+                      and r["epsilon"] == 1.0)
+            plain = next(r for r in rows if r["dataset"] == dataset and r["method"] == method
+                         and r["epsilon"] == "inf")
+            ratio = dp["train_rows_per_s"] / plain["train_rows_per_s"]
+            print(json.dumps({"dataset": dataset, "method": method,
+                              "dp_train_rows_per_s": round(dp["train_rows_per_s"]),
+                              "plain_train_rows_per_s": round(plain["train_rows_per_s"]),
+                              "dp_over_plain": round(ratio, 3)}), flush=True)
+
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_doc(rows)
+    print(f"wrote {RESULTS.relative_to(REPO)} and {DOC.relative_to(REPO)}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
