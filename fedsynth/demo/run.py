@@ -49,7 +49,10 @@ def quick_spec(spec: FederationSpec) -> FederationSpec:
 
 
 def run_demo(
-    home: Path, *, quick: bool = False, sectors: tuple[str, ...] = SECTORS,
+    home: Path,
+    *,
+    quick: bool = False,
+    sectors: tuple[str, ...] = SECTORS,
     on_progress: Callable[[str, Progress], None] | None = None,
 ) -> list[DemoResult]:
     if not FEDERATIONS_DIR.is_dir():
@@ -67,17 +70,25 @@ def run_demo(
         train_rows = validate_table(train_raw, spec.schema)
         holdout = validate_table(holdout_raw, spec.schema)
         model = train(
-            train_rows, spec,
+            train_rows,
+            spec,
             progress=(lambda p, s=sector: on_progress(s, p)) if on_progress else None,
         )
         model_dir = model.save(home / "models" / sector)
         scores = quality.evaluate(
             train_rows, holdout, model.sample(len(train_rows), seed=0), spec.schema
         )
-        results.append(DemoResult(
-            sector=sector, kind=spec.model.kind, rows=len(train_rows),
-            epsilon=model.metadata["privacy"]["epsilon"], quality=scores["quality"],
-            tstr_auc=scores["tstr_auc"], trtr_auc=scores["trtr_auc"],
-            fit_seconds=model.metadata["training"]["fit_seconds"], model_dir=model_dir,
-        ))
+        results.append(
+            DemoResult(
+                sector=sector,
+                kind=spec.model.kind,
+                rows=len(train_rows),
+                epsilon=model.metadata["privacy"]["epsilon"],
+                quality=scores["quality"],
+                tstr_auc=scores["tstr_auc"],
+                trtr_auc=scores["trtr_auc"],
+                fit_seconds=model.metadata["training"]["fit_seconds"],
+                model_dir=model_dir,
+            )
+        )
     return results

@@ -30,8 +30,13 @@ def epsilon_of(history: Iterable[Sequence[float]], delta: float, accountant: str
 
 
 def calibrate_noise(
-    *, target_epsilon: float, delta: float, sample_rate: float, steps: int,
-    accountant: str = "prv", prior: Sequence[Sequence[float]] = (),
+    *,
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: str = "prv",
+    prior: Sequence[Sequence[float]] = (),
 ) -> float:
     """Smallest noise multiplier such that ``prior`` plus ``steps`` DP-SGD steps stay
     within ``target_epsilon``, found to 0.5% of the target (so the final epsilon is within

@@ -131,7 +131,10 @@ def _discrete_codes(series: pd.Series, column: Column) -> np.ndarray:
     if column.type is ColumnType.BOOLEAN:
         values = series.astype("boolean")
         return np.where(values.isna(), -1, values.fillna(False).astype(bool)).astype(np.int64)
-    if isinstance(series.dtype, pd.CategoricalDtype) and list(series.cat.categories) == column.levels:
+    if (
+        isinstance(series.dtype, pd.CategoricalDtype)
+        and list(series.cat.categories) == column.levels
+    ):
         return series.cat.codes.to_numpy(dtype=np.int64)
     cat = pd.Categorical(series.astype("string"), categories=column.levels)
     unknown = series.notna().to_numpy() & (cat.codes < 0)

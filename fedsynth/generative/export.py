@@ -25,7 +25,13 @@ FORMATS = ("csv", "parquet", "ndjson")
 
 def format_for_path(path: str | Path) -> str:
     suffix = Path(path).suffix.lower().lstrip(".")
-    fmt = {"csv": "csv", "parquet": "parquet", "pq": "parquet", "ndjson": "ndjson", "jsonl": "ndjson"}
+    fmt = {
+        "csv": "csv",
+        "parquet": "parquet",
+        "pq": "parquet",
+        "ndjson": "ndjson",
+        "jsonl": "ndjson",
+    }
     if suffix not in fmt:
         raise ValueError(f"{path}: unknown output format {suffix!r}; use .csv, .parquet or .ndjson")
     return fmt[suffix]
@@ -73,7 +79,9 @@ def iter_encoded(
             writer.write_table(table)
         yield sink.take()
     if writer is None and fmt != "ndjson":  # zero rows: still a valid, empty file
-        empty = to_arrow(pd.DataFrame({c.name: pd.Series(dtype=object) for c in schema.modelled}), schema)
+        empty = to_arrow(
+            pd.DataFrame({c.name: pd.Series(dtype=object) for c in schema.modelled}), schema
+        )
         if fmt == "csv":
             pa_csv.write_csv(empty, sink)
         else:

@@ -32,7 +32,7 @@ from fedsynth.generative.schema import Schema
 FORMAT = "fedsynth-model/1"
 WEIGHTS_FILE = "weights.safetensors"
 METADATA_FILE = "model.json"
-DEFAULT_CHUNK = 65_536
+DEFAULT_CHUNK = 16_384
 
 
 class ModelFileError(ValueError):
@@ -51,8 +51,11 @@ def build_modules(kind: str, codec: Codec, arch: dict[str, Any]) -> dict[str, to
     if kind == "vae":
         return {
             "vae": VAE(
-                codec.width, codec.cond_width, arch["critic_hidden"],
-                arch["generator_hidden"], arch["latent_dim"],
+                codec.width,
+                codec.cond_width,
+                arch["critic_hidden"],
+                arch["generator_hidden"],
+                arch["latent_dim"],
             )
         }
     raise ValueError(f"model kind must be 'gan' or 'vae', got {kind!r}")
@@ -62,7 +65,11 @@ class SynthModel:
     """Generator + codec + metadata. Build with the trainer or :meth:`load`."""
 
     def __init__(
-        self, kind: str, schema: Schema, codec: Codec, modules: dict[str, torch.nn.Module],
+        self,
+        kind: str,
+        schema: Schema,
+        codec: Codec,
+        modules: dict[str, torch.nn.Module],
         metadata: dict[str, Any],
     ) -> None:
         self.kind = kind
@@ -81,7 +88,10 @@ class SynthModel:
         return float(self.metadata["privacy"]["epsilon"])
 
     def sample(
-        self, n: int, seed: int = 0, conditions: dict[str, object] | None = None,
+        self,
+        n: int,
+        seed: int = 0,
+        conditions: dict[str, object] | None = None,
         chunk_size: int = DEFAULT_CHUNK,
     ) -> pd.DataFrame:
         """``n`` synthetic rows as a typed frame; identical for identical arguments."""
@@ -94,7 +104,10 @@ class SynthModel:
         return pd.concat(chunks, ignore_index=True)
 
     def iter_samples(
-        self, n: int, seed: int = 0, conditions: dict[str, object] | None = None,
+        self,
+        n: int,
+        seed: int = 0,
+        conditions: dict[str, object] | None = None,
         chunk_size: int = DEFAULT_CHUNK,
     ) -> Iterator[pd.DataFrame]:
         """Stream ``n`` rows in chunks of ``chunk_size`` with constant memory.
@@ -128,18 +141,25 @@ class SynthModel:
         release = self.metadata["privacy"].get("released", {}).get("target_marginal")
         if not release or release["column"] in conditions:
             return None
-        return self.codec.discrete_index(release["column"]), torch.tensor(release["probabilities"], dtype=torch.float64)
+        return self.codec.discrete_index(release["column"]), torch.tensor(
+            release["probabilities"], dtype=torch.float64
+        )
 
     @torch.inference_mode()
     def _sample_chunk(
-        self, n: int, rng: torch.Generator, cond: torch.Tensor, forced: list[tuple[int, int]],
+        self,
+        n: int,
+        rng: torch.Generator,
+        cond: torch.Tensor,
+        forced: list[tuple[int, int]],
         drawn: tuple[int, torch.Tensor] | None = None,
     ) -> pd.DataFrame:
         z = torch.randn(n, self.generator.latent_dim, generator=rng)
-        raw = self.generator(z, cond)
-        # Gumbel-max: an exact draw from each block's softmax, all blocks in one pass.
-        uniform = torch.rand(raw.shape, generator=rng).clamp_(1e-12, 1.0 - 1e-7)
-        noisy = raw - torch.log(-torch.log(uniform))
+        raw = self.generator.generate(z, cond)
+        # Gumbel-max with exponential noise: argmax(logits - log E), E ~ Exp(1), is an
+        # exact draw from each block's softmax, all blocks in one pass.
+        exponential = torch.empty(raw.shape).exponential_(generator=rng).clamp_(min=1e-30)
+        noisy = raw - torch.log(exponential)
         columns = self.codec.columns
         codes = np.empty((n, len(columns)), dtype=np.int64)
         for j, c in enumerate(columns):
@@ -205,7 +225,9 @@ class SynthModel:
             try:
                 module.load_state_dict(state, strict=True)
             except RuntimeError as exc:
-                raise ModelFileError(f"{weights_path}: weights do not fit the model ({exc})") from None
+                raise ModelFileError(
+                    f"{weights_path}: weights do not fit the model ({exc})"
+                ) from None
         return cls(meta["kind"], schema, codec, modules, meta)
 
 

@@ -121,7 +121,11 @@ def _location(spec: dict[str, Any], loc: tuple[int | str, ...]) -> str:
         if isinstance(item, int) and i > 0 and loc[i - 1] == "columns":
             name = ""
             columns = spec.get("columns")
-            if isinstance(columns, list) and item < len(columns) and isinstance(columns[item], dict):
+            if (
+                isinstance(columns, list)
+                and item < len(columns)
+                and isinstance(columns[item], dict)
+            ):
                 name = f" ({columns[item].get('name', '?')})"
             parts[-1] = f"{parts[-1]}[{item}]{name}"
         else:

