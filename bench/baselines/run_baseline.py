@@ -152,7 +152,8 @@ def run_sdv(method, df, columns, n, epochs):
     t1 = time.perf_counter()
     synth = model.sample(num_rows=n)
     synth = synth["train"] if v2 else synth
-    return synth, t1 - t0, time.perf_counter() - t1, {"epochs": epochs}
+    sample_s = time.perf_counter() - t1
+    return synth, t1 - t0, sample_s, {"epochs": epochs}, lambda k: model.sample(num_rows=k)
 
 
 def sn_transformer(columns, style, bins):
@@ -269,7 +270,7 @@ def run_smartnoise(method, df, columns, n, epochs, epsilon, delta, bins, seed):
         )
     else:
         info.update(bins=bins, rho=float(model.rho))
-    return synth, t1 - t0, sample_s, info
+    return synth, t1 - t0, sample_s, info, model.sample
 
 
 def versions():
@@ -312,6 +313,13 @@ def main():
     ap.add_argument("--timing", required=True)
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--bins", type=int, default=20, help="AIM bins per numeric column")
+    ap.add_argument(
+        "--speed-rows",
+        type=int,
+        default=0,
+        help="also time one sample of this many rows with 2 torch threads (the figure "
+        "bench/utility.py compares; the first sample above serves as warm-up)",
+    )
     a = ap.parse_args()
 
     with open(a.columns) as f:
@@ -332,15 +340,21 @@ def main():
     if a.method.startswith("sdv-"):
         if not math.isinf(a.epsilon):
             ap.error("SDV methods are not differentially private: use --epsilon inf")
-        synth, fit_s, sample_s, info = run_sdv(a.method, df, columns, a.n, epochs)
+        synth, fit_s, sample_s, info, resample = run_sdv(a.method, df, columns, a.n, epochs)
     else:
         if not (0 < a.epsilon < math.inf):
             ap.error("smartnoise methods need a finite epsilon > 0")
         delta = a.delta if a.delta is not None else 1.0 / (len(df) * math.sqrt(len(df)))
-        synth, fit_s, sample_s, info = run_smartnoise(
+        synth, fit_s, sample_s, info, resample = run_smartnoise(
             a.method, df, columns, a.n, epochs, a.epsilon, delta, a.bins, a.seed
         )
 
+    if a.speed_rows:
+        torch.set_num_threads(2)
+        t = time.perf_counter()
+        resample(a.speed_rows)
+        info["speed_rows"] = a.speed_rows
+        info["speed_rows_per_s"] = a.speed_rows / (time.perf_counter() - t)
     finish(synth, columns, date_only).to_csv(a.out, index=False)
     timing = {
         "fit_s": fit_s,

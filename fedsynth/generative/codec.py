@@ -188,6 +188,10 @@ class Codec:
         self.width = start
         discrete = [c for c in self.columns if c.column.is_discrete]
         self.discrete: tuple[ColumnCodec, ...] = tuple(discrete)
+        #: position in ``columns`` of each discrete column (the conditional vector's blocks)
+        self.discrete_positions = tuple(
+            i for i, c in enumerate(self.columns) if c.column.is_discrete
+        )
         self.cond_offsets = np.cumsum([0] + [c.n_bins for c in discrete])
         self.cond_width = int(self.cond_offsets[-1])
 
@@ -233,6 +237,13 @@ class Codec:
                 k += 1
             series.append(codec.decode(codes[:, j], off))
         return pd.concat(series, axis=1)
+
+    def empty_frame(self) -> pd.DataFrame:
+        """A typed frame with no rows (the shape of zero synthetic rows)."""
+        return self.decode(
+            np.zeros((0, len(self.columns)), dtype=np.int64),
+            np.zeros((0, len(self.offset_indices))),
+        )
 
     def condition_vector(self, conditions: dict[str, object] | None, n: int) -> torch.Tensor:
         """Conditional vector for equality conditions on discrete columns.

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
+from fedsynth.generative.codec import Codec
 from fedsynth.generative.schema import ColumnType, Schema
 
 FORMATS = ("csv", "parquet", "ndjson")
@@ -79,9 +80,7 @@ def iter_encoded(
             writer.write_table(table)
         yield sink.take()
     if writer is None and fmt != "ndjson":  # zero rows: still a valid, empty file
-        empty = to_arrow(
-            pd.DataFrame({c.name: pd.Series(dtype=object) for c in schema.modelled}), schema
-        )
+        empty = to_arrow(Codec(schema).empty_frame(), schema)
         if fmt == "csv":
             pa_csv.write_csv(empty, sink)
         else:
