@@ -1,4 +1,5 @@
-"""Quality, utility and privacy scores: our scores equal SDMetrics' on the same data.
+"""Quality scores: ours equal SDMetrics' on the same data; and evaluate(), which bundles the
+quality, utility (tests/test_utility.py) and privacy (tests/test_distance.py) scores.
 
 SDMetrics is only a test dependency (it pulls copulas, under the Business Source License);
 fedsynth.generative.quality re-implements its QualityReport and these tests compare the two.
@@ -16,6 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from fedsynth.generative import distance, utility
 from fedsynth.generative.quality import (
     QualityScores,
     column_pair_trends,
@@ -26,82 +28,8 @@ from fedsynth.generative.quality import (
     quality_score,
     tstr,
 )
-from fedsynth.generative.schema import Column, ColumnType, Role, Schema
-
-SEGMENTS = ["basic", "plus", "premium", "business"]
-REGIONS = ["north", "south", "east", "west", "island"]
-
-SCHEMA = Schema(
-    columns=[
-        Column(name="customer_id", type="integer", role="identifier"),
-        Column(name="age", type="integer", min=18, max=90),
-        Column(name="income", type="float", min=0, max=250_000, nullable=True),
-        Column(name="visits", type="integer", min=0, max=60, nullable=True),
-        Column(name="segment", type="categorical", categories=SEGMENTS, nullable=True),
-        Column(name="member", type="boolean", nullable=True),
-        Column(name="signup", type="datetime", min="2010-01-01", max="2026-01-01", nullable=True),
-        Column(name="region", type="categorical", categories=REGIONS),
-        Column(name="churned", type="boolean", role="target"),
-    ]
-)
-MODELLED = [c.name for c in SCHEMA.modelled]
-
-
-def _with_nulls(values: pd.api.extensions.ExtensionArray, share: float, rng) -> pd.Series:
-    series = pd.Series(values)
-    series[rng.random(len(series)) < share] = None
-    return series
-
-
-def make_frame(
-    n: int,
-    seed: int,
-    *,
-    shift: float = 0.0,
-    business: bool = True,
-    churn_signal: float = 1.0,
-) -> pd.DataFrame:
-    """A typed frame of customer-like rows; ``shift`` perturbs every relation a little."""
-    rng = np.random.default_rng(seed)
-    age = rng.integers(18, 91, n)
-    old = (age - 18) / 72
-    weights = np.column_stack(
-        [1.2 - old, np.full(n, 0.6 + 0.2 * shift), 0.2 + old, np.full(n, 0.15 if business else 0.0)]
-    )
-    weights /= weights.sum(axis=1, keepdims=True)
-    segment_idx = (rng.random(n)[:, None] > np.cumsum(weights, axis=1)).sum(axis=1)
-    segment_idx = np.minimum(segment_idx, 3 if business else 2)
-    income = np.clip(
-        (900 + 100 * shift) * age + 9_000 * segment_idx + rng.normal(0, 9_000 + 2_000 * shift, n),
-        0,
-        250_000,
-    )
-    visits = np.minimum(rng.poisson(1 + age / (6 + shift)), 60)
-    member = rng.random(n) < 0.25 + 0.2 * segment_idx
-    signup = pd.Timestamp("2024-06-01") - pd.to_timedelta(
-        (age - 18) * 40 + rng.integers(0, 700 + 100 * int(shift), n), unit="D"
-    )
-    region = rng.choice(REGIONS, n, p=[0.3, 0.25, 0.2, 0.2, 0.05])
-    logit = churn_signal * (1.5 - 0.25 * visits + 1.2 * (~member) - 0.02 * (age - 50))
-    churned = rng.random(n) < 1 / (1 + np.exp(-logit))
-
-    frame = pd.DataFrame(
-        {
-            "age": pd.array(age, dtype="Int64"),
-            "income": _with_nulls(income, 0.08, rng).astype("float64"),
-            "visits": _with_nulls(pd.array(visits, dtype="Int64"), 0.10, rng),
-            "segment": _with_nulls(
-                pd.Categorical.from_codes(segment_idx, categories=SEGMENTS), 0.05, rng
-            ),
-            "member": _with_nulls(pd.array(member, dtype="boolean"), 0.05, rng),
-            "signup": _with_nulls(signup.values.astype("datetime64[ns]"), 0.07, rng),
-            "region": pd.Categorical(region, categories=REGIONS),
-            "churned": pd.array(churned, dtype="boolean"),
-        }
-    )
-    assert frame["segment"].cat.categories.tolist() == SEGMENTS
-    assert str(frame["signup"].dtype) == "datetime64[ns]"
-    return frame
+from fedsynth.generative.schema import ColumnType, Schema
+from tests.customers import SCHEMA, make_frame
 
 
 @pytest.fixture(scope="module")
@@ -325,136 +253,17 @@ def test_fedsynth_does_not_import_sdmetrics_or_copulas():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_quality_reexports_tstr_and_dcr():
+    assert tstr is utility.tstr and dcr is distance.dcr
+
+
 # --------------------------------------------------------------------------------------------
-# ML utility
+# Everything at once
 
 
 @pytest.fixture(scope="module")
 def split():
     return make_frame(2000, seed=11), make_frame(1500, seed=12)
-
-
-def test_tstr_informative_synthetic_gets_high_auc(split):
-    train, holdout = split
-    synthetic = make_frame(2000, seed=13, shift=0.5)
-    result = tstr(train, synthetic, holdout, SCHEMA, seed=0)
-    assert result["auc_kind"] == "binary"
-    assert result["reason"] is None and result["note"] is None
-    assert result["trtr_auc"] > 0.75
-    assert result["tstr_auc"] > 0.75
-    assert abs(result["tstr_auc"] - result["trtr_auc"]) < 0.05
-
-
-def test_tstr_label_shuffled_synthetic_is_near_chance(split):
-    train, holdout = split
-    synthetic = make_frame(2000, seed=14)
-    rng = np.random.default_rng(0)
-    synthetic["churned"] = synthetic["churned"].to_numpy()[rng.permutation(len(synthetic))]
-    result = tstr(train, synthetic, holdout, SCHEMA, seed=0)
-    assert abs(result["tstr_auc"] - 0.5) < 0.08
-    assert result["trtr_auc"] > 0.75
-
-
-def test_tstr_single_class_synthetic_is_chance_with_a_note(split):
-    train, holdout = split
-    synthetic = make_frame(500, seed=15)
-    synthetic["churned"] = pd.array([False] * len(synthetic), dtype="boolean")
-    result = tstr(train, synthetic, holdout, SCHEMA)
-    assert result["tstr_auc"] == 0.5
-    assert "1 class" in result["note"]
-    assert result["trtr_auc"] > 0.75
-
-
-def test_tstr_drops_null_targets_and_handles_no_target_and_multiclass(split):
-    train, holdout = split
-    holdout = holdout.copy()
-    holdout.loc[:99, "churned"] = pd.NA
-    result = tstr(train, make_frame(800, seed=16), holdout, SCHEMA)
-    assert result["n_holdout"] == len(holdout) - 100
-    assert result["tstr_auc"] > 0.7
-
-    no_target = Schema(
-        columns=[
-            c.model_copy(update={"role": Role.FEATURE}) if c.role is Role.TARGET else c
-            for c in SCHEMA.columns
-        ]
-    )
-    result = tstr(train, train, holdout, no_target)
-    assert result["tstr_auc"] is None and result["trtr_auc"] is None
-    assert "no target" in result["reason"]
-
-    roles = {"churned": Role.FEATURE, "segment": Role.TARGET}
-    multi = Schema(
-        columns=[c.model_copy(update={"role": roles.get(c.name, c.role)}) for c in SCHEMA.columns]
-    )
-    result = tstr(train, make_frame(2000, seed=17), holdout, multi)
-    assert result["auc_kind"] == "macro_ovr"
-    assert 0.6 < result["tstr_auc"] <= 1.0
-    assert 0.6 < result["trtr_auc"] <= 1.0
-
-
-# --------------------------------------------------------------------------------------------
-# Privacy proxy
-
-
-def naive_gower(a: pd.Series, b: pd.Series) -> float:
-    """The documented distance, one row pair at a time."""
-    total = 0.0
-    for col in SCHEMA.modelled:
-        x, y = a[col.name], b[col.name]
-        if pd.isna(x) or pd.isna(y):
-            total += 0.0 if (pd.isna(x) and pd.isna(y)) else 1.0
-        elif col.is_numeric:
-            low, high = col.bounds
-            if col.type is ColumnType.DATETIME:
-                x, y = x.timestamp(), y.timestamp()
-            x, y = min(max(float(x), low), high), min(max(float(y), low), high)
-            total += min(abs(x - y) / (high - low), 1.0)
-        else:
-            total += 0.0 if x == y else 1.0
-    return total / len(SCHEMA.modelled)
-
-
-def test_dcr_distance_is_the_documented_gower_distance():
-    train, holdout, synthetic = (make_frame(n, seed=s) for n, s in [(40, 21), (40, 22), (25, 23)])
-    result = dcr(train, holdout, synthetic, SCHEMA)
-
-    def nearest(frame):
-        return np.array(
-            [min(naive_gower(s, r) for _, r in frame.iterrows()) for _, s in synthetic.iterrows()]
-        )
-
-    d_train, d_holdout = nearest(train), nearest(holdout)
-    assert result["dcr_synth_train"] == pytest.approx(np.median(d_train), abs=1e-12)
-    assert result["dcr_holdout"] == pytest.approx(np.median(d_holdout), abs=1e-12)
-    share = np.mean((d_train < d_holdout - 1e-12) + 0.5 * np.isclose(d_train, d_holdout))
-    assert result["dcr_share_closer_to_train"] == pytest.approx(share, abs=1e-12)
-    assert result["n_matched"] == 40 and result["n_synthetic"] == 25
-
-
-def test_dcr_copy_of_training_rows_is_memorisation():
-    train, holdout = make_frame(1000, seed=31), make_frame(1000, seed=32)
-    result = dcr(train, holdout, train.copy(), SCHEMA)
-    assert result["dcr_synth_train"] == 0.0
-    assert result["dcr_holdout"] > 0.0
-    assert result["dcr_share_closer_to_train"] > 0.95
-
-
-def test_dcr_fresh_rows_are_as_close_to_train_as_to_holdout():
-    train, holdout = make_frame(1000, seed=41), make_frame(1000, seed=42)
-    result = dcr(train, holdout, make_frame(1000, seed=43), SCHEMA)
-    assert result["dcr_synth_train"] > 0.0
-    assert result["dcr_share_closer_to_train"] == pytest.approx(0.5, abs=0.07)
-    # Unequal sizes: the larger set is subsampled for the share, not for the medians.
-    big_train = make_frame(3000, seed=44)
-    result = dcr(big_train, holdout, big_train.iloc[:1500], SCHEMA, max_rows=500, seed=1)
-    assert result["n_synthetic"] == 500 and result["n_matched"] == 1000
-    assert result["dcr_synth_train"] == 0.0
-    assert 0.5 < result["dcr_share_closer_to_train"] < 1.0
-
-
-# --------------------------------------------------------------------------------------------
-# Everything at once
 
 
 def test_evaluate_is_flat_and_json_safe(split):
