@@ -48,6 +48,14 @@ def quick_spec(spec: FederationSpec) -> FederationSpec:
     return parse_spec(raw, source=f"{spec.federation.name} (quick)")
 
 
+def _bind(
+    on_progress: Callable[[str, Progress], None] | None, sector: str
+) -> Callable[[Progress], None] | None:
+    if on_progress is None:
+        return None
+    return lambda p: on_progress(sector, p)
+
+
 def run_demo(
     home: Path,
     *,
@@ -69,11 +77,7 @@ def run_demo(
         train_raw, holdout_raw = split_holdout(read_table(tables[sector]))
         train_rows = validate_table(train_raw, spec.schema)
         holdout = validate_table(holdout_raw, spec.schema)
-        model = train(
-            train_rows,
-            spec,
-            progress=(lambda p, s=sector: on_progress(s, p)) if on_progress else None,
-        )
+        model = train(train_rows, spec, progress=_bind(on_progress, sector))
         model_dir = model.save(home / "models" / sector)
         scores = quality.evaluate(
             train_rows, holdout, model.sample(len(train_rows), seed=0), spec.schema

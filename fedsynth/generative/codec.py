@@ -18,6 +18,7 @@ column (no null slot); an all-zero block means "no condition on this column".
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -104,7 +105,7 @@ class ColumnCodec:
                 out[null] = pd.NA
                 return pd.Series(out, name=name)
             cat = pd.Categorical.from_codes(
-                np.where(null, -1, codes), categories=self.column.levels
+                np.where(null, -1, codes), categories=pd.Index(self.column.levels)
             )
             return pd.Series(cat, name=name)
         low, high = self.column.bounds
@@ -245,7 +246,7 @@ class Codec:
             np.zeros((0, len(self.offset_indices))),
         )
 
-    def condition_vector(self, conditions: dict[str, object] | None, n: int) -> torch.Tensor:
+    def condition_vector(self, conditions: Mapping[str, object] | None, n: int) -> torch.Tensor:
         """Conditional vector for equality conditions on discrete columns.
 
         Raises ``ValueError`` naming the column or value that the schema does not allow.

@@ -11,7 +11,6 @@ import io
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import BinaryIO
 
 import pandas as pd
 import pyarrow as pa
@@ -138,6 +137,6 @@ class _Sink(io.RawIOBase):
 
 def _ndjson(table: pa.Table) -> bytes:
     frame = table.to_pandas()
-    out: BinaryIO = io.BytesIO()
+    out = io.BytesIO()
     frame.to_json(out, orient="records", lines=True, date_format="iso")
     return out.getvalue()

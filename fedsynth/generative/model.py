@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +91,7 @@ class SynthModel:
         self,
         n: int,
         seed: int = 0,
-        conditions: dict[str, object] | None = None,
+        conditions: Mapping[str, object] | None = None,
         chunk_size: int = DEFAULT_CHUNK,
     ) -> pd.DataFrame:
         """``n`` synthetic rows as a typed frame; identical for identical arguments."""
@@ -104,7 +104,7 @@ class SynthModel:
         self,
         n: int,
         seed: int = 0,
-        conditions: dict[str, object] | None = None,
+        conditions: Mapping[str, object] | None = None,
         chunk_size: int = DEFAULT_CHUNK,
     ) -> Iterator[pd.DataFrame]:
         """Stream ``n`` rows in chunks of ``chunk_size`` with constant memory.
@@ -134,7 +134,7 @@ class SynthModel:
                 cond[torch.arange(size), int(self.codec.cond_offsets[j]) + drawn[1]] = 1.0
             yield self._sample_chunk(size, rng, cond, forced, drawn)
 
-    def _target_marginal(self, conditions: dict[str, object]) -> tuple[int, torch.Tensor] | None:
+    def _target_marginal(self, conditions: Mapping[str, object]) -> tuple[int, torch.Tensor] | None:
         release = self.metadata["privacy"].get("released", {}).get("target_marginal")
         if not release or release["column"] in conditions:
             return None

@@ -59,15 +59,13 @@ class Generator(nn.Module):
         """
         parts = [z, cond]
         for layer in self.net:
-            weight = layer.fc.weight if isinstance(layer, Residual) else layer.weight
-            bias = layer.fc.bias if isinstance(layer, Residual) else layer.bias
-            out, start = None, 0
-            for part in parts:
+            linear: nn.Linear = layer.fc if isinstance(layer, Residual) else layer  # type: ignore[assignment]
+            start = parts[0].shape[-1]
+            out = F.linear(parts[0], linear.weight[:, :start], linear.bias)
+            for part in parts[1:]:
                 width = part.shape[-1]
-                term = F.linear(part, weight[:, start : start + width])
-                out = term if out is None else out.add_(term)
+                out.add_(F.linear(part, linear.weight[:, start : start + width]))
                 start += width
-            out = out.add_(bias)
             if not isinstance(layer, Residual):
                 return out
             parts.insert(0, F.relu(layer.norm(out), inplace=True))

@@ -112,6 +112,8 @@ class Column(BaseModel):
     @property
     def bounds(self) -> tuple[float, float]:
         """Declared (min, max) as floats; datetimes as epoch seconds."""
+        if self.min is None or self.max is None:
+            raise ValueError(f"column {self.name!r} declares no bounds")
         if self.type is ColumnType.DATETIME:
             return _to_epoch_seconds(self.min, "min"), _to_epoch_seconds(self.max, "max")
         if not isinstance(self.min, int | float) or not isinstance(self.max, int | float):

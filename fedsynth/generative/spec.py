@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import ErrorDetails
 
 from fedsynth.generative.schema import Column, Schema
 
@@ -110,7 +111,7 @@ class FederationSpec(_Section):
         return self
 
     @property
-    def schema(self) -> Schema:
+    def schema(self) -> Schema:  # type: ignore[override]  # shadows pydantic v1's deprecated .schema()
         return Schema(columns=self.columns)
 
 
@@ -133,7 +134,7 @@ def _location(spec: dict[str, Any], loc: tuple[int | str, ...]) -> str:
     return ".".join(parts) or "(top level)"
 
 
-def _format(error: dict[str, Any], raw: dict[str, Any]) -> str:
+def _format(error: ErrorDetails, raw: dict[str, Any]) -> str:
     loc = tuple(p for p in error["loc"] if not str(p).startswith("function-after"))
     msg = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":

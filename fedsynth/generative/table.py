@@ -346,7 +346,7 @@ def _text_array(series: pd.Series, null: np.ndarray) -> pa.Array:
             return pa.array(objects, type=pa.string(), mask=null, from_pandas=True)
         except (pa.ArrowException, TypeError, ValueError):
             pass  # not all strings (mixed native values): convert them one by one
-    objects = _as_text(series, null).to_numpy(dtype=object, na_value=None)
+    objects = _as_text(series, null).to_numpy(dtype=object, na_value=None)  # type: ignore[call-overload]
     return pa.array(objects, type=pa.string(), mask=null, from_pandas=True)
 
 
@@ -399,7 +399,7 @@ def _categorical(series: pd.Series, col: Column, null: np.ndarray, checker: _Che
             hint=f"; declared: {shown}{more}",
         )
         return None
-    return pd.Categorical.from_codes(np.where(null, -1, codes), categories=levels)
+    return pd.Categorical.from_codes(np.where(null, -1, codes), categories=pd.Index(levels))
 
 
 def _boolean(series: pd.Series, null: np.ndarray, checker: _Checker) -> object:
@@ -429,10 +429,10 @@ def _boolean(series: pd.Series, null: np.ndarray, checker: _Checker) -> object:
 
 def _datetime(series: pd.Series, col: Column, null: np.ndarray, checker: _Checker) -> object:
     if pd.api.types.is_datetime64_any_dtype(series.dtype):
-        stamps = series
+        aware = series
         if getattr(series.dtype, "tz", None) is not None:
-            stamps = stamps.dt.tz_convert("UTC").dt.tz_localize(None)
-        stamps = stamps.to_numpy(dtype="datetime64[ns]")
+            aware = aware.dt.tz_convert("UTC").dt.tz_localize(None)
+        stamps: np.ndarray = aware.to_numpy(dtype="datetime64[ns]")
     elif pd.api.types.is_numeric_dtype(series.dtype) or pd.api.types.is_bool_dtype(series.dtype):
         stamps = np.full(len(series), np.datetime64("NaT"), dtype="datetime64[ns]")
     else:

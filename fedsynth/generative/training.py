@@ -27,7 +27,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import opacus
 import pandas as pd
@@ -203,7 +203,7 @@ def _train(
     if engine is not None:
         history = [[float(s), float(q), int(t)] for s, q, t in [*prior, *engine.accountant.history]]
         epsilon = epsilon_of(history, privacy.delta, privacy.accountant)
-        modules[private_name] = private_module._module  # unwrap GradSampleModule
+        modules[private_name] = cast(nn.Module, private_module._module)  # unwrap Opacus
     metadata = {
         "kind": spec.model.kind,
         "federation": {"name": spec.federation.name, "sector": spec.federation.sector},
@@ -339,16 +339,20 @@ class _PerSampleLoss(nn.Module):
 @contextmanager
 def _frozen(critic: nn.Module) -> Iterator[None]:
     """No gradient into the critic and no Opacus per-sample hooks (generator pass)."""
-    hooked = isinstance(critic, GradSampleModule | GradSampleModuleFastGradientClipping)
+    hooked = (
+        critic
+        if isinstance(critic, GradSampleModule | GradSampleModuleFastGradientClipping)
+        else None
+    )
     critic.requires_grad_(False)
-    if hooked:
-        critic.disable_hooks()
+    if hooked is not None:
+        hooked.disable_hooks()
     try:
         yield
     finally:
         critic.requires_grad_(True)
-        if hooked:
-            critic.enable_hooks()
+        if hooked is not None:
+            hooked.enable_hooks()
 
 
 class _GanStepper:

@@ -30,7 +30,7 @@ def _features(frame: pd.DataFrame, schema: Schema, target: Column) -> pd.DataFra
     """Model inputs: numbers as float64 (datetimes as epoch seconds), categoricals as pandas
     categories with the declared levels (HistGradientBoosting's native categorical support),
     nulls as NaN (HistGradientBoosting's native missing-value support)."""
-    out = {}
+    out: dict[str, Any] = {}
     for col in schema.modelled:
         if col.name == target.name:
             continue
@@ -46,7 +46,7 @@ def _features(frame: pd.DataFrame, schema: Schema, target: Column) -> pd.DataFra
                 out[col.name] = np.where(codes == len(col.levels), np.nan, codes.astype(float))
             else:
                 out[col.name] = pd.Categorical.from_codes(
-                    np.where(codes == len(col.levels), -1, codes), categories=col.levels
+                    np.where(codes == len(col.levels), -1, codes), categories=pd.Index(col.levels)
                 )
     return pd.DataFrame(out, index=frame.index)
 
