@@ -162,6 +162,8 @@ def run_baseline(dataset: str, method: str, epsilon: float | str, tables: dict) 
             str(tmp / "t.json"),
             "--delta",
             str(spec.privacy.delta),
+            "--speed-rows",
+            str(SAMPLE_ROWS_FOR_SPEED),
         ]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         timing = json.loads((tmp / "t.json").read_text())
