@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,7 @@ from pathlib import Path
 import torch
 
 from fedsynth.demo.data import prepare_demo_tables, split_holdout
+from fedsynth.demo.run import fedsynth_home
 from fedsynth.generative import quality
 from fedsynth.generative.model import SynthModel
 from fedsynth.generative.schema import Schema
@@ -206,7 +206,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     datasets = ("bank",) if args.quick else tuple(args.datasets or DATASETS)
     with_baselines = not (args.quick or args.no_baselines)
-    home = Path(os.environ.get("FEDSYNTH_HOME") or Path.home() / ".fedsynth")
+    home = fedsynth_home()
     paths = prepare_demo_tables(home / "data", names=datasets)
     tables = {d: split_holdout(read_table(paths[d])) for d in datasets}
 
