@@ -1,0 +1,1 @@
+"""Privacy: budgets and ledgers, secure-aggregation settings, keys and encryption at rest."""

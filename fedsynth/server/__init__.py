@@ -1,0 +1,1 @@
+"""Coordinator side: Flower ServerApp and strategy, model registry, audit log, records, API."""
