@@ -30,6 +30,11 @@ class FederationSection(_Section):
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")]
     sector: Annotated[str, Field(min_length=1)]
     description: str = ""
+    # Federated rounds; training.epochs are spread over them (each node trains
+    # epochs / rounds passes over its own rows per round).
+    rounds: Annotated[int, Field(ge=1, le=10_000)] = 5
+    # Fewest nodes whose updates may form one aggregate; a round with fewer fails.
+    min_nodes: Annotated[int, Field(ge=1)] = 3
 
 
 class ModelSection(_Section):
@@ -51,7 +56,9 @@ class PrivacySection(_Section):
     # Share of target_epsilon (before composition) spent on a Gaussian histogram of the
     # target column, which unconditional sampling draws the target from; 0 turns it off.
     marginal_share: Annotated[float, Field(ge=0, lt=1)] = 0.1
-    secure_aggregation: bool = True
+    # Share of target_epsilon (alone, before composition) spent on the scalar scores a
+    # node returns in federated evaluation rounds, each a Gaussian-mechanism release.
+    evaluation_share: Annotated[float, Field(ge=0, lt=1)] = 0.05
 
     @field_validator("target_epsilon", mode="before")
     @classmethod
@@ -98,16 +105,56 @@ class TrainingSection(_Section):
         return max(1, round(self.epochs * self.steps_per_epoch(n_rows)))
 
 
+class SecureAggregationSection(_Section):
+    """Flower SecAgg+ settings (docs/spec.md explains each choice and docs/privacy.md the
+    collusion bound). Flower itself accepts a zero or negative clipping range and even
+    share counts that crash clients, so every value is checked here."""
+
+    enabled: bool = True
+    # Shares of each node's secrets: 0 means every participant (all-to-all masking);
+    # otherwise an odd integer >= 3.
+    num_shares: Annotated[int, Field(ge=0)] = 0
+    # Share of num_shares needed to reconstruct a secret (Flower rounds it).
+    reconstruction_threshold: Annotated[float, Field(gt=0.5, le=1.0)] = 0.67
+    # Weights are clipped to [-r, r] before quantisation; a node refuses to send a
+    # weight outside it rather than let the aggregate be silently distorted.
+    clipping_range: Annotated[float, Field(gt=0, le=1e6)] = 8.0
+    quantization_range: Annotated[int, Field(ge=2**10, le=2**28)] = 2**22
+    # Largest node weight (its noisy row count); Flower's default (1000) overflows.
+    max_weight: Annotated[float, Field(gt=0)] = 1e6
+
+    @field_validator("num_shares")
+    @classmethod
+    def _odd_shares(cls, value: int) -> int:
+        if value and (value < 3 or value % 2 == 0):
+            raise ValueError(
+                "must be 0 (every participant) or an odd integer >= 3: an even number "
+                "makes Flower's SecAgg+ clients crash and the round halt"
+            )
+        return value
+
+
 class FederationSpec(_Section):
     federation: FederationSection
     columns: Annotated[list[Column], Field(min_length=1)]
     model: ModelSection
     privacy: PrivacySection
     training: TrainingSection
+    secure_aggregation: SecureAggregationSection = SecureAggregationSection()
 
     @model_validator(mode="after")
     def _valid_schema(self) -> FederationSpec:
         Schema(columns=self.columns)  # duplicate names, targets, ...
+        return self
+
+    @model_validator(mode="after")
+    def _enough_nodes_to_hide_one(self) -> FederationSpec:
+        # A sum of two updates, one of them known to a colluding node, reveals the other.
+        if self.secure_aggregation.enabled and self.federation.min_nodes < 3:
+            raise ValueError(
+                "federation.min_nodes must be at least 3 with secure aggregation: with two "
+                "updates in a sum, one node colluding with the server learns the other's"
+            )
         return self
 
     @property

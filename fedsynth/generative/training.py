@@ -24,7 +24,7 @@ import math
 import platform
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, cast
@@ -105,37 +105,16 @@ def _train(
     started = time.perf_counter()
     schema, training, privacy = spec.schema, spec.training, spec.privacy
     n_rows = len(frame)
-    if n_rows < 2:
-        raise TrainingError(f"need at least 2 rows to train, got {n_rows}")
-    if privacy.is_private and privacy.delta >= 1.0 / n_rows:
-        raise TrainingError(
-            f"privacy.delta = {privacy.delta:g} must be below 1/rows = {1.0 / n_rows:.3g} "
-            f"({n_rows} rows); a larger delta allows releasing a whole row"
-        )
+    check_rows(n_rows, spec)
     torch.manual_seed(training.seed)
     codec = Codec(schema, default_bins=spec.model.default_bins)
     data, levels = codec.encode(frame)
     steps = training.planned_steps(n_rows)
-    steps_per_epoch = training.steps_per_epoch(n_rows)
-    sample_rate = 1.0 / steps_per_epoch
-    arch = {
-        "latent_dim": spec.model.latent_dim,
-        "generator_hidden": list(spec.model.generator_hidden),
-        "critic_hidden": list(spec.model.critic_hidden),
-    }
+    sample_rate = 1.0 / training.steps_per_epoch(n_rows)
+    arch = architecture(spec)
     modules = build_modules(spec.model.kind, codec, arch)
-    private_name = "critic" if spec.model.kind == "gan" else "vae"
-    private_lr = training.critic_lr if spec.model.kind == "gan" else training.generator_lr
-    optimizer = torch.optim.Adam(
-        modules[private_name].parameters(), lr=private_lr, betas=(0.5, 0.9), weight_decay=1e-6
-    )
-
-    noise = 0.0
-    reduce: Callable[[torch.Tensor], Any] = torch.mean
-    engine: PrivacyEngine | None = None
-    private_module: nn.Module = modules[private_name]
     marginal, prior = release_target_marginal(codec, levels, spec)
-    target = codec.discrete_index(marginal["column"]) if marginal else None
+    noise = 0.0
     if privacy.is_private:
         noise = calibrate_noise(
             target_epsilon=privacy.target_epsilon,
@@ -145,7 +124,142 @@ def _train(
             accountant=privacy.accountant,
             prior=prior,
         )
+    run = run_steps(
+        modules,
+        codec,
+        data,
+        levels,
+        spec,
+        noise=noise,
+        sample_rate=sample_rate,
+        steps=steps,
+        target=codec.discrete_index(marginal["column"]) if marginal else None,
+        grad_sample_mode=grad_sample_mode,
+        progress=progress,
+        prior=prior,
+    )
+    epsilon: float | str = "inf"
+    history: list[list[float]] = []
+    if privacy.is_private:
+        history = [[float(s), float(q), int(t)] for s, q, t in [*prior, *run.history]]
+        epsilon = epsilon_of(history, privacy.delta, privacy.accountant)
+    metadata = {
+        "kind": spec.model.kind,
+        "federation": {"name": spec.federation.name, "sector": spec.federation.sector},
+        "schema": schema.public_dict(),
+        "codec": {"default_bins": codec.default_bins},
+        "architecture": arch,
+        "privacy": {
+            "epsilon": epsilon,
+            "delta": privacy.delta if privacy.is_private else 0.0,
+            "target_epsilon": privacy.target_epsilon if privacy.is_private else "inf",
+            "noise_multiplier": noise,
+            "sample_rate": sample_rate,
+            "steps": steps,
+            "max_grad_norm": privacy.max_grad_norm,
+            "accountant": privacy.accountant,
+            "accountant_history": history,
+            "grad_sample_mode": grad_sample_mode if privacy.is_private else None,
+            "private_module": private_module_name(spec.model.kind),
+            "released": {"target_marginal": marginal} if marginal else {},
+        },
+        "training": {
+            "rows": n_rows,
+            "steps": steps,
+            "epochs": run.epochs,
+            "batch_size": training.batch_size,
+            "seed": training.seed,
+            "fit_seconds": round(time.perf_counter() - started, 3),
+            "loop_seconds": round(run.loop_seconds, 3),  # SGD steps only, no calibration
+            "public_losses": run.public_losses,
+        },
+        "versions": library_versions(),
+    }
+    for module in modules.values():
+        module.eval()
+    return SynthModel(spec.model.kind, schema, codec, modules, metadata)
+
+
+def check_rows(n_rows: int, spec: FederationSpec) -> None:
+    """Refuse tables too small to train on, or for which delta would allow a whole row."""
+    privacy = spec.privacy
+    if n_rows < 2:
+        raise TrainingError(f"need at least 2 rows to train, got {n_rows}")
+    if privacy.is_private and privacy.delta >= 1.0 / n_rows:
+        raise TrainingError(
+            f"privacy.delta = {privacy.delta:g} must be below 1/rows = {1.0 / n_rows:.3g} "
+            f"({n_rows} rows); a larger delta allows releasing a whole row"
+        )
+
+
+def architecture(spec: FederationSpec) -> dict[str, Any]:
+    return {
+        "latent_dim": spec.model.latent_dim,
+        "generator_hidden": list(spec.model.generator_hidden),
+        "critic_hidden": list(spec.model.critic_hidden),
+    }
+
+
+def private_module_name(kind: str) -> str:
+    """The module that sees real rows and so trains under DP-SGD."""
+    return "critic" if kind == "gan" else "vae"
+
+
+def library_versions() -> dict[str, str]:
+    return {
+        "fedsynth": fedsynth.__version__,
+        "torch": torch.__version__,
+        "opacus": opacus.__version__,
+        "python": platform.python_version(),
+    }
+
+
+@dataclass(frozen=True)
+class StepsRun:
+    """What one stretch of SGD steps reports: the accountant entries it added (empty
+    without DP), the per-epoch public losses, epochs begun and the loop's wall time."""
+
+    history: list[tuple[float, float, int]]
+    public_losses: list[dict[str, float]]
+    epochs: int
+    loop_seconds: float
+
+
+def run_steps(
+    modules: dict[str, nn.Module],
+    codec: Codec,
+    data: torch.Tensor,
+    levels: torch.Tensor,
+    spec: FederationSpec,
+    *,
+    noise: float,
+    sample_rate: float,
+    steps: int,
+    target: int | None,
+    grad_sample_mode: str = "ghost",
+    progress: ProgressFn | None = None,
+    prior: Sequence[Sequence[float]] = (),
+) -> StepsRun:
+    """``steps`` optimizer steps on ``modules`` (updated in place), DP-SGD when the spec
+    is private: Opacus wraps the private module for these steps only and is removed
+    after, so the same modules can train again (a federated round) or be saved.
+    ``prior`` is the accountant history before these steps, for progress reports."""
+    training, privacy, kind = spec.training, spec.privacy, spec.model.kind
+    n_rows = data.shape[0]
+    private_name = private_module_name(kind)
+    private_lr = training.critic_lr if kind == "gan" else training.generator_lr
+    optimizer = torch.optim.Adam(
+        modules[private_name].parameters(), lr=private_lr, betas=(0.5, 0.9), weight_decay=1e-6
+    )
+    reduce: Callable[[torch.Tensor], Any] = torch.mean
+    engine: PrivacyEngine | None = None
+    private_module: nn.Module = modules[private_name]
+    steps_per_epoch = training.steps_per_epoch(n_rows)
+    if not math.isclose(sample_rate, 1.0 / steps_per_epoch):
+        raise TrainingError(f"sample rate {sample_rate} does not match {n_rows} rows")
+    if privacy.is_private:
         engine = PrivacyEngine(accountant=privacy.accountant)
+        # Opacus derives the Poisson sample rate as 1 / len(loader) = 1 / steps_per_epoch.
         loader = DataLoader(TensorDataset(data, levels), batch_size=training.batch_size)
         wrapped = engine.make_private(
             module=private_module,
@@ -166,9 +280,9 @@ def _train(
         batches = lambda: iter(torch.randperm(n_rows).split(training.batch_size))  # noqa: E731
 
     stepper = (
-        _GanStepper(modules, private_module, optimizer, reduce, codec, training, arch, target)
-        if spec.model.kind == "gan"
-        else _VaeStepper(private_module, optimizer, reduce, codec, arch, target)
+        _GanStepper(modules, private_module, optimizer, reduce, codec, training, target)
+        if kind == "gan"
+        else _VaeStepper(private_module, optimizer, reduce, codec, spec.model.latent_dim, target)
     )
     step, epoch = 0, 0
     epochs = math.ceil(steps / steps_per_epoch)
@@ -195,55 +309,20 @@ def _train(
                 else math.inf
             )
             progress(Progress(epoch, epochs, step, steps, means, eps))
-
     stepper.finish()
-    loop_seconds = time.perf_counter() - loop_started
-    epsilon: float | str = "inf"
-    history: list[list[float]] = []
+    history: list[tuple[float, float, int]] = []
     if engine is not None:
-        history = [[float(s), float(q), int(t)] for s, q, t in [*prior, *engine.accountant.history]]
-        epsilon = epsilon_of(history, privacy.delta, privacy.accountant)
-        modules[private_name] = cast(nn.Module, private_module._module)  # unwrap Opacus
-    metadata = {
-        "kind": spec.model.kind,
-        "federation": {"name": spec.federation.name, "sector": spec.federation.sector},
-        "schema": schema.public_dict(),
-        "codec": {"default_bins": codec.default_bins},
-        "architecture": arch,
-        "privacy": {
-            "epsilon": epsilon,
-            "delta": privacy.delta if engine else 0.0,
-            "target_epsilon": privacy.target_epsilon if engine else "inf",
-            "noise_multiplier": noise,
-            "sample_rate": sample_rate,
-            "steps": steps,
-            "max_grad_norm": privacy.max_grad_norm,
-            "accountant": privacy.accountant,
-            "accountant_history": history,
-            "grad_sample_mode": grad_sample_mode if engine else None,
-            "private_module": private_name,
-            "released": {"target_marginal": marginal} if marginal else {},
-        },
-        "training": {
-            "rows": n_rows,
-            "steps": steps,
-            "epochs": epochs,
-            "batch_size": training.batch_size,
-            "seed": training.seed,
-            "fit_seconds": round(time.perf_counter() - started, 3),
-            "loop_seconds": round(loop_seconds, 3),  # SGD steps only, without calibration
-            "public_losses": public_losses,
-        },
-        "versions": {
-            "fedsynth": fedsynth.__version__,
-            "torch": torch.__version__,
-            "opacus": opacus.__version__,
-            "python": platform.python_version(),
-        },
-    }
-    for module in modules.values():
-        module.eval()
-    return SynthModel(spec.model.kind, schema, codec, modules, metadata)
+        history = [(float(s), float(q), int(t)) for s, q, t in engine.accountant.history]
+        modules[private_name] = _unwrapped(private_module)
+    return StepsRun(history, public_losses, epochs, time.perf_counter() - loop_started)
+
+
+def _unwrapped(module: nn.Module) -> nn.Module:
+    """The plain module under Opacus' wrapper, with its per-sample hooks removed."""
+    if isinstance(module, GradSampleModule | GradSampleModuleFastGradientClipping):
+        module.remove_hooks()
+        return cast(nn.Module, module._module)
+    return module
 
 
 def release_target_marginal(
@@ -358,7 +437,7 @@ def _frozen(critic: nn.Module) -> Iterator[None]:
 class _GanStepper:
     public_losses = frozenset({"generator"})
 
-    def __init__(self, modules, critic, critic_opt, reduce, codec, training, arch, target) -> None:
+    def __init__(self, modules, critic, critic_opt, reduce, codec, training, target) -> None:
         self.target = target
         self.generator = modules["generator"]
         self.critic = critic
@@ -371,7 +450,7 @@ class _GanStepper:
             weight_decay=1e-6,
         )
         self.codec = codec
-        self.latent_dim = arch["latent_dim"]
+        self.latent_dim = self.generator.latent_dim
         self.batch_size = training.batch_size
         self.ema = [p.detach().clone() for p in self.generator.parameters()]
 
@@ -412,10 +491,10 @@ class _GanStepper:
 class _VaeStepper:
     public_losses: frozenset[str] = frozenset()
 
-    def __init__(self, vae, optimizer, reduce, codec, arch, target) -> None:
+    def __init__(self, vae, optimizer, reduce, codec, latent_dim, target) -> None:
         self.target = target
         self.vae, self.optimizer, self.reduce, self.codec = vae, optimizer, reduce, codec
-        self.latent_dim = arch["latent_dim"]
+        self.latent_dim = latent_dim
 
     def finish(self) -> None:
         """Nothing to do: the VAE's final iterate is the model."""

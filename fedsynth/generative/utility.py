@@ -17,7 +17,7 @@ from sklearn.metrics import roc_auc_score
 from fedsynth.generative.schema import Column, ColumnType, Schema
 from fedsynth.generative.typed import _cap, _codes, _columns, _numbers, _threads
 
-__all__ = ["tstr"]
+__all__ = ["synthetic_auc", "tstr"]
 
 # HistGradientBoosting takes at most max_bins - 1 = 254 categories per categorical feature;
 # wider categoricals are passed as their (ordered) level codes instead.
@@ -177,3 +177,30 @@ def tstr(
             notes.append(f"train_real: {note}")
     result["note"] = "; ".join(notes) or None
     return result
+
+
+def synthetic_auc(
+    synthetic: pd.DataFrame, real: pd.DataFrame, schema: Schema, seed: int = 0
+) -> float | None:
+    """TSTR alone: ROC AUC on ``real`` rows of the classifier :func:`tstr` fits on
+    ``synthetic`` rows; None without a binary categorical/boolean target. (A federated
+    node scores the global model this way on its own rows; it has no holdout of others.)"""
+    target = schema.target
+    if target is None or not target.is_discrete or len(target.levels) != 2:
+        return None
+    synthetic = _columns(synthetic, schema, "synthetic")
+    real = _columns(real, schema, "real")
+    synth_rows, y_synth = _labels(synthetic, target)
+    real_rows, y_real = _labels(real, target)
+    if len(np.unique(y_real)) < 2:
+        return None
+    with _threads(1):
+        auc, _ = _fit_and_score(
+            _features(synth_rows, schema, target),
+            y_synth,
+            _features(real_rows, schema, target),
+            y_real,
+            [1],
+            seed,
+        )
+    return auc

@@ -1,0 +1,324 @@
+"""One node's share of federated training, without Flower: plan, release, train, score.
+
+The federation exchanges a flat list of arrays: every trainable tensor of the model (all
+modules, in ``state_dict`` order) followed by the target-column shares. Each node fills the
+last array with its own Gaussian-mechanism release of its target counts (made once, at its
+first round, and re-sent unchanged after: re-sending a release costs nothing), so the
+weighted average the server computes is the pooled share over the participants.
+
+Everything a node sends is DP: the weights come from DP-SGD (critic or whole VAE; the GAN
+generator is post-processing), the shares and the FedAvg weight (the noisy row count) from
+the histogram release, and evaluation scores from a Gaussian mechanism with sensitivity
+bounded as described in :func:`evaluation_scores`. All costs enter one accountant history
+(``(sigma, 1.0, 1)`` per Gaussian release), which the node's ledger keeps
+(``fedsynth.privacy.ledger``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from fedsynth.generative.accounting import calibrate_noise, histogram_noise
+from fedsynth.generative.codec import Codec
+from fedsynth.generative.distance import _gower_embedding, _nearest
+from fedsynth.generative.model import SynthModel, build_modules
+from fedsynth.generative.quality import column_shapes
+from fedsynth.generative.spec import FederationSpec
+from fedsynth.generative.training import (
+    StepsRun,
+    architecture,
+    check_rows,
+    library_versions,
+    run_steps,
+)
+from fedsynth.generative.typed import _columns
+from fedsynth.generative.utility import synthetic_auc
+
+#: Scalars a node may release per evaluation round (the plan budgets for all of them).
+EVALUATION_SCORES = ("column_shapes", "tstr_auc", "dcr_mean")
+#: Synthetic rows drawn for one evaluation.
+EVALUATION_ROWS = 2000
+#: Lower bounds on private counts are taken this many noise deviations below the release.
+COUNT_MARGIN = 3.0
+
+
+@dataclass(frozen=True)
+class NodePlan:
+    """What a node fixes before its first round, from its row count and the spec alone."""
+
+    rows: int
+    rounds: int
+    sample_rate: float
+    steps_per_round: int
+    noise_multiplier: float  # DP-SGD
+    marginal_sigma: float  # the target-count histogram (or the row count)
+    evaluation_sigma: float  # each evaluation scalar
+
+    def round_history(self) -> list[tuple[float, float, int]]:
+        return [(self.noise_multiplier, self.sample_rate, self.steps_per_round)]
+
+    def evaluation_history(self, releases: int) -> list[tuple[float, float, int]]:
+        return [(self.evaluation_sigma, 1.0, releases)] if releases else []
+
+    def release_history(self) -> list[tuple[float, float, int]]:
+        return [(self.marginal_sigma, 1.0, 1)] if self.marginal_sigma > 0 else []
+
+
+def plan_node(spec: FederationSpec, rows: int) -> NodePlan:
+    """Noise calibrated once, so that the release, every evaluation and all planned rounds
+    together reach the spec's target epsilon (each round does the same number of steps)."""
+    check_rows(rows, spec)
+    privacy, training, rounds = spec.privacy, spec.training, spec.federation.rounds
+    steps_per_epoch = training.steps_per_epoch(rows)
+    per_round = max(1, math.ceil(training.planned_steps(rows) / rounds))
+    if not privacy.is_private:
+        return NodePlan(rows, rounds, 1.0 / steps_per_epoch, per_round, 0.0, 0.0, 0.0)
+    eps = privacy.target_epsilon
+    marginal_sigma = histogram_noise(
+        epsilon=eps * max(privacy.marginal_share, 0.01),
+        delta=privacy.delta,
+        accountant=privacy.accountant,
+    )
+    evaluation_sigma = 0.0
+    prior = [(marginal_sigma, 1.0, 1)]
+    if privacy.evaluation_share > 0:
+        releases = rounds * len(EVALUATION_SCORES)
+        evaluation_sigma = calibrate_noise(
+            target_epsilon=eps * privacy.evaluation_share,
+            delta=privacy.delta,
+            sample_rate=1.0,
+            steps=releases,
+            accountant=privacy.accountant,
+        )
+        prior.append((evaluation_sigma, 1.0, releases))
+    noise = calibrate_noise(
+        target_epsilon=eps,
+        delta=privacy.delta,
+        sample_rate=1.0 / steps_per_epoch,
+        steps=rounds * per_round,
+        accountant=privacy.accountant,
+        prior=prior,
+    )
+    return NodePlan(
+        rows, rounds, 1.0 / steps_per_epoch, per_round, noise, marginal_sigma, evaluation_sigma
+    )
+
+
+# ---------------------------------------------------------------------------- the model
+
+
+def target_column(spec: FederationSpec) -> str | None:
+    """The column whose shares are released, or None (then a single row count is)."""
+    target = spec.schema.target
+    if target is None or not target.is_discrete or target.nullable:
+        return None
+    return target.name
+
+
+def initial_model(spec: FederationSpec) -> SynthModel:
+    """The round-0 global model: weights drawn from the spec's seed, no data involved."""
+    torch.manual_seed(spec.training.seed)
+    codec = Codec(spec.schema, default_bins=spec.model.default_bins)
+    arch = architecture(spec)
+    modules = build_modules(spec.model.kind, codec, arch)
+    target = target_column(spec)
+    k = codec.discrete[codec.discrete_index(target)].n_bins if target else 1
+    return SynthModel(
+        spec.model.kind, spec.schema, codec, modules, federated_metadata(spec, [1.0 / k] * k)
+    )
+
+
+def federated_metadata(
+    spec: FederationSpec, shares: list[float], privacy: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Model metadata of a federated model; the server adds the per-node privacy report."""
+    target = target_column(spec)
+    released = {}
+    if target is not None:
+        released["target_marginal"] = {"column": target, "probabilities": list(shares)}
+    return {
+        "kind": spec.model.kind,
+        "federation": {"name": spec.federation.name, "sector": spec.federation.sector},
+        "schema": spec.schema.public_dict(),
+        "codec": {"default_bins": spec.model.default_bins},
+        "architecture": architecture(spec),
+        "privacy": {
+            "epsilon": "inf" if not spec.privacy.is_private else None,
+            "delta": spec.privacy.delta if spec.privacy.is_private else 0.0,
+            "accountant": spec.privacy.accountant,
+            "released": released,
+            **(privacy or {}),
+        },
+        "versions": library_versions(),
+    }
+
+
+def get_arrays(model: SynthModel) -> list[np.ndarray]:
+    """Model weights (all modules, state_dict order) then the target shares."""
+    arrays = [
+        value.detach().cpu().numpy().astype(np.float32, copy=True)
+        for module in model.modules.values()
+        for value in module.state_dict().values()
+    ]
+    return [*arrays, np.asarray(shares_of(model), dtype=np.float32)]
+
+
+def set_arrays(model: SynthModel, arrays: list[np.ndarray]) -> None:
+    """Load weights and shares from :func:`get_arrays`' layout; shapes must match."""
+    expected = sum(len(m.state_dict()) for m in model.modules.values()) + 1
+    if len(arrays) != expected:
+        raise ValueError(f"expected {expected} arrays for this model, got {len(arrays)}")
+    it = iter(arrays)
+    for name, module in model.modules.items():
+        state = module.state_dict()
+        loaded = {}
+        for key, value in state.items():
+            array = next(it)
+            if tuple(array.shape) != tuple(value.shape):
+                raise ValueError(
+                    f"{name}.{key}: expected shape {tuple(value.shape)}, got {array.shape}"
+                )
+            loaded[key] = torch.from_numpy(np.array(array, dtype=np.float32))
+        module.load_state_dict(loaded)
+    shares = np.asarray(next(it), dtype=np.float64).clip(min=0.0)
+    release = model.metadata["privacy"]["released"].get("target_marginal")
+    if release is not None:
+        release["probabilities"] = (shares / max(shares.sum(), 1e-12)).tolist()
+
+
+def shares_of(model: SynthModel) -> list[float]:
+    release = model.metadata["privacy"]["released"].get("target_marginal")
+    return list(release["probabilities"]) if release else [1.0]
+
+
+# ---------------------------------------------------------------------------- one node
+
+
+def encode(frame: pd.DataFrame, spec: FederationSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    codec = Codec(spec.schema, default_bins=spec.model.default_bins)
+    return codec.encode(frame)
+
+
+def release_counts(
+    levels: torch.Tensor, spec: FederationSpec, plan: NodePlan, seed: int
+) -> list[float]:
+    """Gaussian-mechanism counts of the target's categories (or the row count alone).
+
+    L2 sensitivity 1: one row moves one count by one. Without DP the exact counts.
+    """
+    codec = Codec(spec.schema, default_bins=spec.model.default_bins)
+    target = target_column(spec)
+    if target is None:
+        counts = torch.tensor([float(levels.shape[0])], dtype=torch.float64)
+    else:
+        j = codec.discrete_index(target)
+        counts = torch.bincount(levels[:, j], minlength=codec.discrete[j].n_bins).double()
+    if plan.marginal_sigma > 0:
+        rng = torch.Generator().manual_seed(seed)
+        counts = counts + torch.randn(counts.shape, dtype=torch.float64, generator=rng) * (
+            plan.marginal_sigma
+        )
+    return counts.tolist()
+
+
+def public_lower_bound(counts: list[float], plan: NodePlan) -> float:
+    """A count that the true total exceeds except with probability ~0.1% (3 sigma)."""
+    spread = COUNT_MARGIN * plan.marginal_sigma * math.sqrt(len(counts))
+    return max(1.0, sum(counts) - spread)
+
+
+def train_round(
+    model: SynthModel,
+    data: torch.Tensor,
+    levels: torch.Tensor,
+    spec: FederationSpec,
+    plan: NodePlan,
+    *,
+    seed: int,
+) -> StepsRun:
+    """The round's local DP-SGD steps on the global model (updated in place)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # see training.train: small MLPs run faster on one thread
+    torch.manual_seed(seed)
+    target = target_column(spec)
+    try:
+        for module in model.modules.values():
+            module.train()
+        run = run_steps(
+            model.modules,
+            model.codec,
+            data,
+            levels,
+            spec,
+            noise=plan.noise_multiplier,
+            sample_rate=plan.sample_rate,
+            steps=plan.steps_per_round,
+            target=model.codec.discrete_index(target) if target else None,
+        )
+    finally:
+        torch.set_num_threads(threads)
+        for module in model.modules.values():
+            module.eval()
+    model.generator = (
+        model.modules["generator"] if model.kind == "gan" else model.modules["vae"].decoder  # type: ignore[assignment]
+    )
+    return run
+
+
+def evaluation_scores(
+    model: SynthModel,
+    frame: pd.DataFrame,
+    spec: FederationSpec,
+    plan: NodePlan,
+    counts: list[float],
+    *,
+    seed: int,
+) -> tuple[dict[str, float], list[tuple[float, float, int]]]:
+    """The global model scored on this node's rows, each score a Gaussian release.
+
+    Every score is an average over the node's rows of a per-row quantity in [0, 1] (or
+    a statistic whose change when one row is added or removed is bounded the same way), so
+    its sensitivity is 1/n; n is private, so a public lower bound from the node's released
+    counts stands in for it (:func:`public_lower_bound`):
+
+    - ``column_shapes``: mean over columns of 1 - KS or 1 - TV distance between the
+      node's rows and a synthetic sample; each distance moves by at most 1/n;
+    - ``tstr_auc``: ROC AUC on the node's rows of a classifier fitted on synthetic rows
+      (binary target only); it moves by at most 1 / min(positives, negatives);
+    - ``dcr_mean``: mean over the node's rows of the Gower distance (in [0, 1]) to the
+      closest synthetic row; low values mean synthetic rows sit on real ones.
+
+    Returns the noisy scores, each with ``<name>_sd``, the standard deviation of its noise
+    (computed from public values only, so free to release), and the accountant entries they
+    cost. Without DP, the exact scores and no entries.
+    """
+    synthetic = model.sample(EVALUATION_ROWS, seed=seed)
+    schema = spec.schema
+    real = _columns(frame, schema, "node rows")
+    exact: dict[str, tuple[float, float]] = {}  # score -> (value, sensitivity)
+    n_public = public_lower_bound(counts, plan)
+    shapes, _ = column_shapes(real, synthetic, schema)
+    exact["column_shapes"] = (shapes, 1.0 / n_public)
+    auc = synthetic_auc(synthetic, real, schema, seed=seed)
+    if auc is not None and len(counts) == 2:
+        smaller = min(counts) - COUNT_MARGIN * plan.marginal_sigma
+        exact["tstr_auc"] = (auc, 1.0 / max(1.0, smaller))
+    real_emb, synth_emb = _gower_embedding([real, _columns(synthetic, schema, "synthetic")], schema)
+    if real_emb.shape[1]:
+        distances = _nearest(synth_emb, real_emb) / len(schema.modelled)
+        exact["dcr_mean"] = (float(np.clip(distances, 0.0, 1.0).mean()), 1.0 / n_public)
+    if plan.evaluation_sigma <= 0:
+        return {k: v for k, (v, _) in exact.items()}, []
+    rng = np.random.default_rng(seed)
+    noisy: dict[str, float] = {}
+    for name, (value, sens) in exact.items():
+        sd = plan.evaluation_sigma * sens
+        noisy[name] = float(np.clip(value + rng.normal() * sd, 0.0, 1.0))
+        noisy[f"{name}_sd"] = float(sd)
+    return noisy, plan.evaluation_history(len(exact))

@@ -1,0 +1,215 @@
+"""The node's privacy ledger: the authority on what this node has spent, kept on its disk.
+
+One JSON file per node, one section per federation: every DP release the node made (its
+Gaussian-mechanism count histogram, each round's DP-SGD steps, each evaluation score) as
+accountant history entries ``(noise multiplier, sample rate, steps)`` -- the same record
+Opacus' accountants keep -- plus the refusals. Epsilon is always recomputed from the whole
+history, never summed, so composition is exact for the chosen accountant.
+
+Flower's own Opacus example builds a fresh PrivacyEngine every round and so reports one
+round's epsilon; this ledger composes all of them, across rounds and runs.
+
+Writes are atomic (temporary file, fsync, rename, fsync of the folder) under an exclusive
+file lock, so a crash leaves either the old or the new ledger, never half of one, and two
+processes of the same node never interleave. A round is recorded as spent *before* its
+update leaves the node: if the node dies after sending, the ledger over-counts, never
+under-counts.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from fedsynth.generative.accounting import epsilon_of
+
+FORMAT = "fedsynth-ledger/1"
+Entry = tuple[float, float, int]
+
+
+class LedgerError(ValueError):
+    """The ledger file is unreadable or not a fedsynth ledger; nothing was changed."""
+
+
+@dataclass(frozen=True)
+class BudgetCheck:
+    allowed: bool
+    spent: float  # epsilon so far
+    after: float  # epsilon if the work is done
+    cap: float
+
+    @property
+    def remaining(self) -> float:
+        return max(0.0, self.cap - self.spent)
+
+
+class PrivacyLedger:
+    """``PrivacyLedger(path)``; every method reads the file fresh (another process may have
+    written it) and every change is written before the method returns."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    # ------------------------------------------------------------------ reading
+    def history(self, federation: str) -> list[Entry]:
+        section = self._read()["federations"].get(federation, {})
+        return [
+            (float(s), float(q), int(t))
+            for item in section.get("entries", [])
+            for s, q, t in item["history"]
+        ]
+
+    def epsilon(self, federation: str, delta: float, accountant: str = "prv") -> float:
+        return epsilon_of(self.history(federation), delta, accountant)
+
+    def section(self, federation: str) -> dict[str, Any]:
+        """The federation's raw record: entries, refusals, runs, released counts."""
+        return dict(self._read()["federations"].get(federation, {}))
+
+    def federations(self) -> list[str]:
+        return sorted(self._read()["federations"])
+
+    def check(
+        self,
+        federation: str,
+        planned: Sequence[Entry],
+        *,
+        cap: float,
+        delta: float,
+        accountant: str = "prv",
+    ) -> BudgetCheck:
+        """Would ``planned`` releases keep this node within ``cap``?"""
+        history = self.history(federation)
+        spent = epsilon_of(history, delta, accountant)
+        after = epsilon_of([*history, *planned], delta, accountant) if planned else spent
+        return BudgetCheck(after <= cap * (1 + 1e-9) or math.isinf(cap), spent, after, cap)
+
+    # ------------------------------------------------------------------ writing
+    def spend(
+        self,
+        federation: str,
+        kind: str,
+        history: Sequence[Entry],
+        *,
+        delta: float,
+        accountant: str = "prv",
+        run: int | None = None,
+        round: int | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> float:
+        """Record releases the node is about to make; returns epsilon after them."""
+        with self._locked() as data:
+            section = self._section(data, federation, delta, accountant)
+            entry = {
+                "time": _now(),
+                "kind": kind,
+                "run": run,
+                "round": round,
+                "history": [[float(s), float(q), int(t)] for s, q, t in history],
+                **(detail or {}),
+            }
+            section["entries"].append(entry)
+            all_history = [tuple(h) for item in section["entries"] for h in item["history"]]
+            entry["epsilon_after"] = epsilon_of(all_history, delta, accountant)
+            return float(entry["epsilon_after"])
+
+    def refuse(
+        self,
+        federation: str,
+        kind: str,
+        check: BudgetCheck,
+        *,
+        delta: float,
+        accountant: str = "prv",
+        run: int | None = None,
+        round: int | None = None,
+    ) -> None:
+        with self._locked() as data:
+            section = self._section(data, federation, delta, accountant)
+            section["refusals"].append(
+                {
+                    "time": _now(),
+                    "kind": kind,
+                    "run": run,
+                    "round": round,
+                    "spent": check.spent,
+                    "would_reach": check.after,
+                    "cap": check.cap,
+                }
+            )
+
+    def remember(self, federation: str, key: str, value: Any, *, delta: float) -> None:
+        """Keep a value already released (such as the noisy counts) for re-sending."""
+        with self._locked() as data:
+            self._section(data, federation, delta, "prv").setdefault("released", {})[key] = value
+
+    def recall(self, federation: str, key: str) -> Any:
+        return self.section(federation).get("released", {}).get(key)
+
+    # ------------------------------------------------------------------ file
+    def _section(
+        self, data: dict[str, Any], federation: str, delta: float, accountant: str
+    ) -> dict[str, Any]:
+        section = data["federations"].setdefault(
+            federation,
+            {"delta": delta, "accountant": accountant, "entries": [], "refusals": []},
+        )
+        if section["delta"] != delta:
+            raise LedgerError(
+                f"{self.path}: federation {federation!r} was accounted at delta "
+                f"{section['delta']:g}, not {delta:g}; a spec change of delta needs a new "
+                "federation name"
+            )
+        return section
+
+    def _read(self) -> dict[str, Any]:
+        if not self.path.exists():
+            return {"format": FORMAT, "federations": {}}
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise LedgerError(f"{self.path}: unreadable ledger ({exc})") from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise LedgerError(f"{self.path}: not a {FORMAT} file")
+        return data
+
+    @contextmanager
+    def _locked(self) -> Iterator[dict[str, Any]]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lock = os.open(self.path.with_suffix(".lock"), os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            data = self._read()
+            yield data
+            _atomic_write(self.path, json.dumps(data, indent=1).encode())
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            os.close(lock)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

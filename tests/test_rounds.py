@@ -1,0 +1,150 @@
+"""One node's round without Flower: plan, arrays, release, local training, scores; and the
+demo's non-IID split."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fedsynth.demo.nodes import dirichlet_split
+from fedsynth.generative import rounds
+from fedsynth.generative.accounting import epsilon_of
+from fedsynth.generative.spec import SpecError, parse_spec
+from tests.factories import small_frame, small_spec_dict
+
+
+def _spec(epsilon: float = 1.0, steps: int = 12, rounds_: int = 3):
+    raw = small_spec_dict(epsilon=epsilon, steps=steps)
+    raw["federation"]["rounds"] = rounds_
+    return parse_spec(raw)
+
+
+def test_the_plan_spends_exactly_the_target_over_all_rounds_and_releases():
+    spec = _spec()
+    plan = rounds.plan_node(spec, 900)
+    assert plan.steps_per_round == 4 and plan.rounds == 3
+    history = [
+        *plan.release_history(),
+        *plan.round_history() * plan.rounds,
+        *plan.evaluation_history(len(rounds.EVALUATION_SCORES) * plan.rounds),
+    ]
+    epsilon = epsilon_of(history, spec.privacy.delta)
+    assert epsilon == pytest.approx(1.0, rel=0.01) and epsilon <= 1.0
+    assert plan.noise_multiplier > 0 and plan.marginal_sigma > 0 and plan.evaluation_sigma > 0
+
+
+def test_without_dp_the_plan_adds_no_noise_and_no_history():
+    plan = rounds.plan_node(_spec(epsilon=float("inf")), 900)
+    assert plan.noise_multiplier == 0 and plan.release_history() == []
+
+
+def test_arrays_round_trip_and_a_wrong_shape_names_the_tensor():
+    spec = _spec()
+    model = rounds.initial_model(spec)
+    arrays = rounds.get_arrays(model)
+    assert arrays[-1].tolist() == [0.5, 0.5]  # target shares before any release
+    other = rounds.initial_model(spec)
+    changed = [a + 1.0 for a in arrays[:-1]] + [np.array([0.25, 0.75], dtype=np.float32)]
+    rounds.set_arrays(other, changed)
+    for a, b in zip(rounds.get_arrays(other)[:-1], changed[:-1], strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert rounds.shares_of(other) == pytest.approx([0.25, 0.75])
+    broken = list(arrays)
+    broken[0] = np.zeros((1, 1), dtype=np.float32)
+    with pytest.raises(ValueError, match=r"generator\..*expected shape"):
+        rounds.set_arrays(other, broken)
+    with pytest.raises(ValueError, match="expected"):
+        rounds.set_arrays(other, arrays[:-2])
+
+
+def test_a_round_trains_the_global_model_with_dp_and_reports_its_history():
+    spec = _spec()
+    frame = small_frame(400, seed=1)
+    plan = rounds.plan_node(spec, len(frame))
+    model = rounds.initial_model(spec)
+    before = [a.copy() for a in rounds.get_arrays(model)]
+    data, levels = rounds.encode(frame, spec)
+    run = rounds.train_round(model, data, levels, spec, plan, seed=1)
+    assert run.history == [(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)]
+    after = rounds.get_arrays(model)
+    assert any(not np.array_equal(a, b) for a, b in zip(before, after, strict=True))
+    assert len(model.sample(20, seed=0)) == 20
+
+
+def test_counts_are_noisy_with_dp_and_exact_without():
+    spec = _spec()
+    frame = small_frame(300, seed=2)
+    _, levels = rounds.encode(frame, spec)
+    exact = frame["outcome"].value_counts().reindex(["good", "bad"]).tolist()
+    plain = rounds.release_counts(
+        levels,
+        _spec(epsilon=float("inf")),
+        rounds.plan_node(_spec(epsilon=float("inf")), 300),
+        seed=0,
+    )
+    assert plain == exact
+    noisy = rounds.release_counts(levels, spec, rounds.plan_node(spec, 300), seed=0)
+    assert noisy != exact and len(noisy) == 2
+    assert noisy == rounds.release_counts(levels, spec, rounds.plan_node(spec, 300), seed=0)
+
+
+def test_evaluation_scores_are_bounded_and_carry_their_noise_and_cost():
+    spec = _spec()
+    frame = small_frame(500, seed=3)
+    plan = rounds.plan_node(spec, len(frame))
+    counts = [250.0, 250.0]
+    scores, history = rounds.evaluation_scores(
+        rounds.initial_model(spec), frame, spec, plan, counts, seed=0
+    )
+    assert set(scores) == {
+        "column_shapes",
+        "column_shapes_sd",
+        "tstr_auc",
+        "tstr_auc_sd",
+        "dcr_mean",
+        "dcr_mean_sd",
+    }
+    assert all(0.0 <= scores[k] <= 1.0 for k in rounds.EVALUATION_SCORES)
+    assert scores["column_shapes_sd"] == pytest.approx(
+        plan.evaluation_sigma / rounds.public_lower_bound(counts, plan)
+    )
+    assert history == [(plan.evaluation_sigma, 1.0, 3)]
+
+
+def test_dirichlet_split_is_deterministic_disjoint_and_skewed():
+    frame = pd.DataFrame({"y": ["a"] * 900 + ["b"] * 100, "x": range(1000)})
+    parts = dirichlet_split(frame, "y", 3, seed=0)
+    again = dirichlet_split(frame, "y", 3, seed=0)
+    assert all(p.equals(q) for p, q in zip(parts, again, strict=True))
+    xs = sorted(x for p in parts for x in p["x"])
+    assert xs == list(range(1000))
+    shares = [(p["y"] == "b").mean() for p in parts]
+    assert max(shares) - min(shares) > 0.05  # label skew
+    assert all((p["y"] == "b").any() for p in parts)
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda r: r["federation"].update(min_nodes=2), "min_nodes must be at least 3"),
+        (lambda r: r.setdefault("secure_aggregation", {}).update(num_shares=4), "odd integer"),
+        (
+            lambda r: r.setdefault("secure_aggregation", {}).update(clipping_range=0),
+            "greater than 0",
+        ),
+        (lambda r: r["federation"].update(rounds=0), "federation.rounds"),
+    ],
+)
+def test_federation_settings_are_validated(change, message):
+    raw = small_spec_dict()
+    change(raw)
+    with pytest.raises(SpecError, match=message):
+        parse_spec(raw)
+
+
+def test_plain_aggregation_allows_fewer_nodes():
+    raw = small_spec_dict()
+    raw["federation"]["min_nodes"] = 1
+    raw["secure_aggregation"] = {"enabled": False}
+    assert parse_spec(raw).federation.min_nodes == 1
