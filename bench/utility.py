@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from fedsynth.demo.data import prepare_demo_tables, split_holdout
-from fedsynth.demo.run import fedsynth_home
+from fedsynth.home import fedsynth_home
 from fedsynth.generative import quality
 from fedsynth.generative.model import SynthModel
 from fedsynth.generative.schema import Schema

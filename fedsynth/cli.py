@@ -15,8 +15,10 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+from fedsynth.home import fedsynth_home
 
 app = typer.Typer(
     help="fedsynth: differentially private synthetic data from tables that cannot be shared.",
@@ -199,39 +201,53 @@ def report(
 @app.command()
 def demo(
     quick: Annotated[
-        bool, typer.Option(help="A short run (about a minute) of the same path")
+        bool, typer.Option(help="Two short rounds per federation (about 3 minutes in all)")
+    ] = False,
+    no_serve: Annotated[
+        bool,
+        typer.Option(
+            "--no-serve", help="Do not start the API afterwards (it is not part of fedsynth yet)"
+        ),
     ] = False,
 ) -> None:
-    """Prepare the real demo tables, train a DP model per sector, print a summary."""
+    """Federated demo: bank, hospital and retail, three nodes each, DP-SGD + SecAgg+."""
     from fedsynth.demo.data import DemoDataError
-    from fedsynth.demo.run import fedsynth_home, run_demo
+    from fedsynth.demo.run import run_demo
+    from fedsynth.server.app import RoundEvent
+    from fedsynth.server.secagg import RoundFailed
 
     home = fedsynth_home()
     console.print(f"FEDSYNTH_HOME = {home}")
-    bar = Progress(
-        TextColumn("{task.description:<9}"),
-        BarColumn(),
-        TextColumn("step {task.completed}/{task.total}"),
-        TextColumn("epsilon {task.fields[eps]}"),
-        TimeElapsedColumn(),
-        console=console,
-    )
-    tasks: dict[str, TaskID] = {}
+    started = time.perf_counter()
 
-    def report(sector: str, p) -> None:
-        if sector not in tasks:
-            tasks[sector] = bar.add_task(sector, total=p.steps, eps="-")
-        eps = "inf" if math.isinf(p.epsilon) else f"{p.epsilon:.3f}"
-        bar.update(tasks[sector], completed=p.step, eps=eps)
+    def report(event: RoundEvent) -> None:
+        spent = ", ".join(
+            f"{k} {'inf' if v is None else f'{v:.3f}'}" for k, v in event.epsilons.items()
+        )
+        refused = f"; refused: {', '.join(event.refused)}" if event.refused else ""
+        console.print(
+            f"[bold]{event.federation}[/] round {event.round}/{event.rounds} {event.status}: "
+            f"epsilon {spent}{refused}  [{time.perf_counter() - started:.0f} s]",
+            highlight=False,
+        )
 
     try:
-        with bar:
-            results = run_demo(home, quick=quick, on_progress=report)
-    except (DemoDataError, FileNotFoundError) as exc:
+        results = run_demo(home, quick=quick, on_round=report)
+    except (DemoDataError, FileNotFoundError, RoundFailed) as exc:
         raise _fail(str(exc)) from None
-    table = Table(title="fedsynth demo: one DP model per sector (trained centrally for now)")
-    for name in ("sector", "model", "rows", "epsilon", "quality", "TSTR AUC", "TRTR AUC", "fit s"):
-        table.add_column(name, justify="left" if name in ("sector", "model") else "right")
+    table = Table(title="fedsynth demo: one federated DP model per sector (3 nodes each)")
+    for name in (
+        "sector",
+        "model",
+        "kind",
+        "rounds",
+        "node rows",
+        "node epsilon",
+        "quality",
+        "TSTR AUC",
+        "TRTR AUC",
+    ):
+        table.add_column(name, justify="left" if name in ("sector", "model", "kind") else "right")
 
     def fmt(value: object) -> str:
         return f"{value:.3f}" if isinstance(value, float) else str(value)
@@ -239,19 +255,159 @@ def demo(
     for r in results:
         table.add_row(
             r.sector,
+            r.model_id,
             r.kind,
-            f"{r.rows:,}",
-            fmt(r.epsilon),
+            str(r.rounds),
+            " / ".join(f"{n:,}" for n in r.node_rows),
+            " / ".join(fmt(e) if e is not None else "inf" for e in r.node_epsilons.values()),
             fmt(r.quality),
             fmt(r.tstr_auc),
             fmt(r.trtr_auc),
-            f"{r.fit_seconds:.0f}",
         )
     Console().print(table)
     console.print(
-        f"models saved under {home / 'models'}; try: fedsynth sample --model "
-        f"{home / 'models' / 'bank'} -n 1000 --out bank_synthetic.csv"
+        f"done in {time.perf_counter() - started:.0f} s. Models are signed and encrypted under "
+        f"{home / 'registry'}; try: fedsynth models list, fedsynth audit verify"
     )
+
+
+# ------------------------------------------------------------------------------ models
+models_app = typer.Typer(
+    help="The signed model registry under FEDSYNTH_HOME.", no_args_is_help=True
+)
+app.add_typer(models_app, name="models")
+
+
+def _registry():
+    from fedsynth.privacy.keys import KeyStore
+    from fedsynth.server.records import Database, database_url
+    from fedsynth.server.registry import ModelRegistry
+
+    home = fedsynth_home()
+    db = Database(database_url(home))
+    return ModelRegistry(home / "registry", KeyStore(home / "keys"), db)
+
+
+def _version_dict(v) -> dict[str, object]:
+    return {
+        "id": v.id,
+        "federation": v.federation,
+        "sector": v.sector,
+        "kind": v.kind,
+        "version": v.version,
+        "round": v.round,
+        "epsilon": v.epsilon if v.epsilon is None or math.isfinite(v.epsilon) else "inf",
+        "delta": v.delta,
+        "created_at": v.created_at.isoformat()
+        if hasattr(v.created_at, "isoformat")
+        else str(v.created_at),
+    }
+
+
+@models_app.command("list")
+def models_list(
+    as_json: Annotated[bool, typer.Option("--json", help="A JSON array on stdout")] = False,
+) -> None:
+    """Registered model versions, newest first; epsilon is the largest node's spend."""
+    versions = [_version_dict(v) for v in _registry().list()]
+    if as_json:
+        sys.stdout.write(json.dumps(versions, indent=2) + "\n")
+        return
+    if not versions:
+        console.print("no model registered yet: run fedsynth demo")
+        return
+    table = Table(title="registered models")
+    for name in ("id", "sector", "kind", "version", "round", "epsilon", "delta", "created_at"):
+        table.add_column(name)
+    for v in versions:
+        eps = v["epsilon"]
+        table.add_row(
+            *(str(v[k]) for k in ("id", "sector", "kind", "version", "round")),
+            "inf" if eps is None or eps == math.inf else f"{eps:.3f}",
+            f"{v['delta']:g}",
+            str(v["created_at"]),
+        )
+    Console().print(table)
+
+
+@models_app.command("show")
+def models_show(model_id: Annotated[str, typer.Argument(help="e.g. bank-v1")]) -> None:
+    """A model version's signed manifest (signature checked) as JSON."""
+    from fedsynth.server.registry import RegistryError
+
+    try:
+        manifest = _registry().manifest(model_id)
+    except RegistryError as exc:
+        raise _fail(str(exc)) from None
+    sys.stdout.write(json.dumps(manifest, indent=2, default=str) + "\n")
+
+
+# ------------------------------------------------------------------------------ audit
+audit_app = typer.Typer(help="The hash-chained audit log.", no_args_is_help=True)
+app.add_typer(audit_app, name="audit")
+
+
+@audit_app.command("verify")
+def audit_verify() -> None:
+    """Recompute the chain; exit 0 when it verifies, 1 naming the first bad entry."""
+    from fedsynth.server.audit import AuditLog
+    from fedsynth.server.records import Database, database_url
+
+    status = AuditLog(Database(database_url(fedsynth_home()))).verify()
+    if status.ok:
+        Console().print(f"audit chain verified: {status.checked} entries")
+        return
+    Console().print(f"[bold red]audit chain broken[/] at entry {status.first_bad}: {status.reason}")
+    raise typer.Exit(code=1)
+
+
+# ------------------------------------------------------------------------------ node
+node_app = typer.Typer(help="What runs at an institution.", no_args_is_help=True)
+app.add_typer(node_app, name="node")
+
+
+@node_app.command("outbox")
+def node_outbox(
+    path: Annotated[Path, typer.Option("--outbox", help="The node's outbox.jsonl")],
+    as_json: Annotated[bool, typer.Option("--json", help="JSON lines as stored")] = False,
+) -> None:
+    """Every message that left this node: time, round, kind, bytes, epsilon reported."""
+    from fedsynth.clients.outbox import read_outbox
+
+    entries = read_outbox(path)
+    if as_json:
+        for entry in entries:
+            sys.stdout.write(json.dumps(entry) + "\n")
+        return
+    if not entries:
+        console.print(f"{path}: nothing has left this node")
+        return
+    table = Table(title=f"outbox: {path}")
+    for name in ("time", "round", "type", "bytes", "holds", "status", "epsilon reported"):
+        table.add_column(name)
+    for e in entries:
+        content = e.get("content", {})
+        holds = (
+            "error"
+            if "error" in content
+            else ", ".join(
+                [
+                    *(f"{k}: {n} arrays" for k, n in content.get("arrays", {}).items() if n),
+                    *content.get("configs", []),
+                ]
+            )
+        )
+        eps = e.get("epsilon_reported")
+        table.add_row(
+            e["time"],
+            str(e["round"]),
+            e["type"],
+            f"{e['bytes']:,}",
+            holds,
+            str(e.get("status", "")),
+            "" if eps is None else f"{eps:.4f}",
+        )
+    Console().print(table)
 
 
 def main() -> None:  # pragma: no cover - console script entry

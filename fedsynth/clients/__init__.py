@@ -1,0 +1,1 @@
+"""The institution's node: a Flower ClientApp that trains on local rows under DP-SGD."""

@@ -1,0 +1,281 @@
+"""The Flower ClientApp every institution runs (``flwr run`` loads ``app``).
+
+Three handlers, all opened the same way -- resolve the node's configuration, parse the spec
+the server sent, read and validate the node's table against that spec's schema (identifier
+columns dropped), open the node's ledger:
+
+- ``query``: will the next round fit this node's cap? The node answers accept or refuse
+  and records a refusal in its ledger. This is advisory for the server's planning;
+- ``train``: checks the cap again (the node's own check is the one that counts), trains the
+  round with DP-SGD, records the spend in its ledger *before* the update leaves, and
+  replies in Flower's legacy fit format, which SecAgg+ needs (see ``secure_aggregation_mod``);
+- ``evaluate``: scores the global model on the node's rows and releases only noisy scalars.
+
+A node whose table does not fit the spec stops with the table error, naming the column and
+rows, before any training.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.client.mod import secaggplus_mod
+from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable, Mod
+from flwr.common import Code, EvaluateRes, FitRes, Scalar, Status, ndarrays_to_parameters
+from flwr.common import parameters_to_ndarrays as to_arrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.compat.common import recorddict_compat as compat
+
+from fedsynth.clients.node import DEFAULTS_RECORD, NodeConfig, load_rows, resolve_context
+from fedsynth.clients.outbox import outbox_mod
+from fedsynth.generative import rounds
+from fedsynth.generative.spec import FederationSpec, parse_spec
+from fedsynth.privacy import protocol
+from fedsynth.privacy.ledger import BudgetCheck, PrivacyLedger
+
+
+class BudgetRefused(RuntimeError):
+    """The round would take this node past its own epsilon cap."""
+
+
+class SecureAggregationRequired(RuntimeError):
+    """The server asked for a plain update while the spec requires secure aggregation."""
+
+
+@dataclass
+class NodeSession:
+    config: NodeConfig
+    spec: FederationSpec
+    rows: pd.DataFrame
+    ledger: PrivacyLedger
+    plan: rounds.NodePlan
+    run: int
+    round: int
+
+    @property
+    def federation(self) -> str:
+        return self.spec.federation.name
+
+    def seed(self, purpose: str) -> int:
+        """Deterministic per (spec seed, institution, run, round, purpose)."""
+        key = f"{self.spec.training.seed}/{self.config.institution}/{self.round}/{purpose}"
+        return zlib.crc32(key.encode())
+
+    def check(self, planned: Sequence[tuple[float, float, int]]) -> BudgetCheck:
+        privacy = self.spec.privacy
+        return self.ledger.check(
+            self.federation,
+            planned,
+            cap=self.config.epsilon_cap,
+            delta=privacy.delta,
+            accountant=privacy.accountant,
+        )
+
+    def spend(self, kind: str, history: Sequence[tuple[float, float, int]], **detail) -> float:
+        privacy = self.spec.privacy
+        return self.ledger.spend(
+            self.federation,
+            kind,
+            history,
+            delta=privacy.delta,
+            accountant=privacy.accountant,
+            run=self.run,
+            round=self.round,
+            detail=detail,
+        )
+
+    def refuse(self, kind: str, check: BudgetCheck) -> None:
+        self.ledger.refuse(
+            self.federation,
+            kind,
+            check,
+            delta=self.spec.privacy.delta,
+            accountant=self.spec.privacy.accountant,
+            run=self.run,
+            round=self.round,
+        )
+
+    def released_counts(self) -> list[float] | None:
+        counts = self.ledger.recall(self.federation, "counts")
+        return None if counts is None else [float(c) for c in counts]
+
+    def pending_release(self) -> list[tuple[float, float, int]]:
+        return [] if self.released_counts() is not None else self.plan.release_history()
+
+
+def open_session(context: Context, config: dict) -> NodeSession:
+    node = resolve_context(context)
+    spec = parse_spec(json.loads(str(config[protocol.SPEC])), source="spec sent by the server")
+    rows = load_rows(node, spec)
+    return NodeSession(
+        node,
+        spec,
+        rows,
+        PrivacyLedger(node.ledger_path),
+        rounds.plan_node(spec, len(rows)),
+        int(config.get(protocol.RUN, 0)),
+        int(config.get(protocol.ROUND, 0)),
+    )
+
+
+# ---------------------------------------------------------------------------- query
+
+
+def query(message: Message, context: Context) -> Message:
+    config = message.content.config_records[protocol.CONFIG]
+    reply: dict[str, Any] = {}
+    try:
+        session = open_session(context, dict(config))
+    except Exception as exc:  # noqa: BLE001 -- the reason goes back to the server
+        reply = {protocol.STATUS: protocol.INVALID, protocol.DETAIL: str(exc)[:2000]}
+        return Message(RecordDict({protocol.CONFIG: ConfigRecord(reply)}), reply_to=message)
+    check = session.check([*session.pending_release(), *session.plan.round_history()])
+    if not check.allowed:
+        session.refuse("train", check)
+    reply = {
+        protocol.STATUS: protocol.ACCEPT if check.allowed else protocol.REFUSE,
+        protocol.INSTITUTION: session.config.institution,
+        protocol.SPENT: check.spent,
+        protocol.AFTER: check.after,
+        protocol.CAP: check.cap,
+    }
+    return Message(RecordDict({protocol.CONFIG: ConfigRecord(reply)}), reply_to=message)
+
+
+# ---------------------------------------------------------------------------- train
+
+
+def train(message: Message, context: Context) -> Message:
+    fitins = compat.recorddict_to_fitins(message.content, keep_input=True)
+    session = open_session(context, dict(fitins.config))
+    spec = session.spec
+    # SecAgg+'s collect stage hands the fit on with its own config record still attached.
+    secure = RECORD_KEY_CONFIGS in message.content.config_records
+    if spec.secure_aggregation.enabled and not secure:
+        raise SecureAggregationRequired(
+            f"{session.federation}: the spec requires secure aggregation; "
+            "this node does not send a plain update"
+        )
+    release = session.pending_release()
+    check = session.check([*release, *session.plan.round_history()])
+    if not check.allowed:
+        session.refuse("train", check)
+        raise BudgetRefused(
+            f"{session.config.institution}: round {session.round} would reach epsilon "
+            f"{check.after:.3f}, above this node's cap {check.cap:g} (spent {check.spent:.3f})"
+        )
+    model = rounds.initial_model(spec)
+    rounds.set_arrays(model, to_arrays(fitins.parameters))
+    data, levels = rounds.encode(session.rows, spec)
+    counts = session.released_counts()
+    if counts is None:
+        counts = rounds.release_counts(levels, spec, session.plan, seed=session.seed("counts"))
+        session.spend("release", release, what="target counts")
+        session.ledger.remember(session.federation, "counts", counts, delta=spec.privacy.delta)
+    run = rounds.train_round(model, data, levels, spec, session.plan, seed=session.seed("train"))
+    arrays = rounds.get_arrays(model)
+    arrays[-1] = np.asarray(_shares(counts), dtype=np.float32)  # this node's own release
+    largest = max(float(np.abs(a).max()) for a in arrays if a.size)
+    limit = spec.secure_aggregation.clipping_range
+    if spec.secure_aggregation.enabled and largest > limit:
+        raise ValueError(
+            f"a weight of {largest:.3g} lies outside secure_aggregation.clipping_range "
+            f"{limit:g}; SecAgg+ would clip it silently, so this update is not sent"
+        )
+    # Written before the update leaves: a crash after sending over-counts, never under.
+    epsilon = session.spend(
+        "train", run.history, steps=session.plan.steps_per_round, rows_weight=sum(counts)
+    )
+    weight = int(min(max(1.0, round(sum(counts))), spec.secure_aggregation.max_weight))
+    metrics: dict[str, Scalar] = {
+        protocol.EPSILON: epsilon if spec.privacy.is_private else float("inf"),
+        protocol.DELTA: spec.privacy.delta if spec.privacy.is_private else 0.0,
+        protocol.STEPS: session.plan.steps_per_round,
+        protocol.NOISE: session.plan.noise_multiplier,
+        protocol.CLIPPED: largest,
+        protocol.INSTITUTION: session.config.institution,
+    }
+    fitres = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(arrays), weight, metrics)
+    return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=message)
+
+
+def _shares(counts: list[float]) -> list[float]:
+    clipped = np.clip(np.asarray(counts, dtype=np.float64), 0.0, None) + 1e-9
+    return (clipped / clipped.sum()).tolist()
+
+
+def secure_aggregation_mod(
+    message: Message, context: Context, call_next: ClientAppCallable
+) -> Message:
+    """Flower's ``secaggplus_mod`` for SecAgg+ stages. A plain fit message (no SecAgg+
+    configs) reaches the handler, which sends a plain update only if the spec allows it."""
+    if RECORD_KEY_CONFIGS in message.content.config_records:
+        return secaggplus_mod(message, context, call_next)
+    return call_next(message, context)
+
+
+# ---------------------------------------------------------------------------- evaluate
+
+
+def evaluate(message: Message, context: Context) -> Message:
+    evalins = compat.recorddict_to_evaluateins(message.content, keep_input=True)
+    session = open_session(context, dict(evalins.config))
+    counts = session.released_counts()
+    planned = session.plan.evaluation_history(len(rounds.EVALUATION_SCORES))
+    check = session.check(planned)
+    metrics: dict[str, Scalar] = {protocol.INSTITUTION: session.config.institution}
+    if counts is None or not check.allowed:
+        # Nothing released yet to bound sensitivity with, or no budget: no scores.
+        if counts is not None:
+            session.refuse("evaluate", check)
+        metrics[protocol.STATUS] = protocol.REFUSE
+        res = EvaluateRes(Status(Code.OK, "no scores"), 0.0, 0, metrics)
+        return Message(compat.evaluateres_to_recorddict(res), reply_to=message)
+    model = rounds.initial_model(session.spec)
+    rounds.set_arrays(model, to_arrays(evalins.parameters))
+    scores, history = rounds.evaluation_scores(
+        model, session.rows, session.spec, session.plan, counts, seed=session.seed("evaluate")
+    )
+    epsilon = session.spend("evaluate", history, scores=sorted(scores))
+    metrics.update(scores)
+    metrics[protocol.EPSILON] = epsilon if session.spec.privacy.is_private else float("inf")
+    metrics[protocol.STATUS] = protocol.ACCEPT
+    loss = 1.0 - scores.get("column_shapes", 0.0)
+    res = EvaluateRes(Status(Code.OK, "ok"), loss, 1, metrics)
+    return Message(compat.evaluateres_to_recorddict(res), reply_to=message)
+
+
+# ---------------------------------------------------------------------------- the app
+
+
+def make_client_app(
+    extra_mods: Sequence[Mod] = (), run_config: dict[str, str] | None = None
+) -> ClientApp:
+    """The node's ClientApp. ``extra_mods`` sit just inside the outbox log (tests use one
+    to inspect every outgoing message); ``run_config`` gives defaults for run config keys
+    (the programmatic simulation has no run config). Mods are attached per handler:
+    SecAgg+ only to training, where it belongs (on the whole app it breaks evaluation)."""
+    defaults: dict[str, Any] = dict(run_config or {})
+
+    def with_defaults(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        if defaults:
+            context.state.config_records[DEFAULTS_RECORD] = ConfigRecord(defaults)
+        return call_next(message, context)
+
+    app = ClientApp()
+    outer: list[Mod] = [with_defaults, outbox_mod, *extra_mods]
+    app.query(mods=outer)(query)
+    app.train(mods=[*outer, secure_aggregation_mod])(train)
+    app.evaluate(mods=outer)(evaluate)
+    return app
+
+
+app = make_client_app()

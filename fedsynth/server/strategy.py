@@ -1,0 +1,119 @@
+"""Weighted FedAvg over every trainable weight, restricted to the nodes that accepted.
+
+The strategy trains only the nodes that said the round fits their budget (the server asks
+first, ``fedsynth.privacy.protocol``), refuses an aggregate of fewer than ``min_nodes``
+updates, and with secure aggregation checks that what it was handed is the single
+unmasked sum (Flower's SecAgg+ workflow gives every result the same aggregate): it never
+holds an individual update. It keeps what nodes reported (epsilon, steps, scores) per round
+for the server's records.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from flwr.common import EvaluateIns, FitIns, FitRes, Parameters, Scalar
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import FedAvg
+
+from fedsynth.privacy import protocol
+from fedsynth.server.secagg import RoundFailed
+
+
+@dataclass
+class RoundLog:
+    fitted: dict[str, dict[str, Any]] = field(default_factory=dict)  # institution -> metrics
+    failures: list[str] = field(default_factory=list)
+    evaluated: dict[str, dict[str, Any]] = field(default_factory=dict)
+    aggregated: bool = False
+
+
+class FederationStrategy(FedAvg):
+    def __init__(
+        self,
+        *,
+        initial: Parameters,
+        min_nodes: int,
+        secure: bool,
+        message_config: dict[str, Scalar],
+    ) -> None:
+        super().__init__(
+            fraction_fit=1.0,
+            fraction_evaluate=1.0,
+            min_fit_clients=min_nodes,
+            min_evaluate_clients=1,
+            min_available_clients=min_nodes,
+            initial_parameters=initial,
+            accept_failures=True,
+        )
+        self.min_nodes = min_nodes
+        self.secure = secure
+        self.message_config = message_config
+        self.eligible: set[int] = set()
+        self.rounds: dict[int, RoundLog] = {}
+
+    def _config(self, server_round: int) -> dict[str, Scalar]:
+        return {**self.message_config, protocol.ROUND: server_round}
+
+    def _eligible(self, client_manager: ClientManager) -> list[ClientProxy]:
+        return [c for c in client_manager.all().values() if c.node_id in self.eligible]
+
+    def configure_fit(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, FitIns]]:
+        self.rounds[server_round] = RoundLog()
+        clients = self._eligible(client_manager)
+        if len(clients) < self.min_nodes:
+            return []
+        return [(c, FitIns(parameters, self._config(server_round))) for c in clients]
+
+    def aggregate_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        log = self.rounds.setdefault(server_round, RoundLog())
+        log.failures = [str(f)[:500] for f in failures]
+        for _, res in results:
+            metrics = dict(res.metrics)
+            log.fitted[str(metrics.get(protocol.INSTITUTION, "?"))] = metrics
+        if len(results) < self.min_nodes:
+            raise RoundFailed(
+                f"round {server_round}: {len(results)} update(s) arrived, fewer than "
+                f"federation.min_nodes = {self.min_nodes}; failures: {log.failures}"
+            )
+        if self.secure:
+            first = results[0][1].parameters
+            if any(res.parameters.tensors != first.tensors for _, res in results):
+                raise RoundFailed("secure aggregation handed the strategy individual updates")
+            aggregate: Parameters | None = (
+                first  # every result carries the same unmasked weighted average
+            )
+        else:
+            aggregate, _ = super().aggregate_fit(server_round, results, failures)
+            if aggregate is None:
+                raise RoundFailed(f"round {server_round}: FedAvg produced no aggregate")
+        log.aggregated = True
+        return aggregate, {}
+
+    def configure_evaluate(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, EvaluateIns]]:
+        clients = self._eligible(client_manager)
+        return [(c, EvaluateIns(parameters, self._config(server_round))) for c in clients]
+
+    def aggregate_evaluate(
+        self, server_round: int, results: list, failures: list
+    ) -> tuple[float | None, dict[str, Scalar]]:
+        log = self.rounds.setdefault(server_round, RoundLog())
+        for _, res in results:
+            metrics = dict(res.metrics)
+            log.evaluated[str(metrics.get(protocol.INSTITUTION, "?"))] = metrics
+        losses = [res.loss for _, res in results if res.num_examples]
+        return (sum(losses) / len(losses) if losses else None), {}
+
+    def evaluate(self, server_round: int, parameters: Parameters) -> None:
+        return None  # the server holds no data: evaluation happens on the nodes
