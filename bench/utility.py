@@ -33,13 +33,13 @@ from pathlib import Path
 import torch
 
 from fedsynth.demo.data import prepare_demo_tables, split_holdout
-from fedsynth.home import fedsynth_home
 from fedsynth.generative import quality
 from fedsynth.generative.model import SynthModel
 from fedsynth.generative.schema import Schema
 from fedsynth.generative.spec import FederationSpec, load_spec, parse_spec
 from fedsynth.generative.table import read_table, validate_table
 from fedsynth.generative.training import train
+from fedsynth.home import fedsynth_home
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "utility.jsonl"

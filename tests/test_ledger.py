@@ -67,13 +67,13 @@ def test_concurrent_spends_are_all_kept(tmp_path):
     def spend(i: int) -> None:
         PrivacyLedger(path).spend("bank", "train", ROUND, delta=DELTA, round=i)
 
-    threads = [threading.Thread(target=spend, args=(i,)) for i in range(12)]
+    threads = [threading.Thread(target=spend, args=(i,)) for i in range(6)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     rounds = sorted(e["round"] for e in PrivacyLedger(path).section("bank")["entries"])
-    assert rounds == list(range(12))
+    assert rounds == list(range(6))
 
 
 def test_released_values_are_remembered_for_resending(tmp_path):

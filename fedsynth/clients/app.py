@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -113,17 +113,46 @@ class NodeSession:
 
 def open_session(context: Context, config: dict) -> NodeSession:
     node = resolve_context(context)
-    spec = parse_spec(json.loads(str(config[protocol.SPEC])), source="spec sent by the server")
+    text = str(config[protocol.SPEC])
+    spec = parse_spec(json.loads(text), source="spec sent by the server")
     rows = load_rows(node, spec)
+    ledger = PrivacyLedger(node.ledger_path)
+    run = int(config.get(protocol.RUN, 0))
     return NodeSession(
         node,
         spec,
         rows,
-        PrivacyLedger(node.ledger_path),
-        rounds.plan_node(spec, len(rows)),
-        int(config.get(protocol.RUN, 0)),
+        ledger,
+        _plan(ledger, spec, text, len(rows), run),
+        run,
         int(config.get(protocol.ROUND, 0)),
     )
+
+
+_PLANS: dict[tuple[str, int], rounds.NodePlan] = {}
+
+
+def _plan(
+    ledger: PrivacyLedger, spec: FederationSpec, text: str, rows: int, run: int
+) -> rounds.NodePlan:
+    """The run's noise plan, calibrated once (a few seconds of accountant work) and kept
+    in memory and in the ledger: in deployment every message is a fresh process."""
+    key = (text, rows)
+    if key not in _PLANS:
+        name = f"plan/run-{run}"
+        stored = ledger.recall(spec.federation.name, name)
+        if stored is not None and stored["spec"] == text and stored["plan"]["rows"] == rows:
+            _PLANS[key] = rounds.NodePlan(**stored["plan"])
+        else:
+            _PLANS.clear()
+            _PLANS[key] = rounds.plan_node(spec, rows)
+            ledger.remember(
+                spec.federation.name,
+                name,
+                {"spec": text, "plan": asdict(_PLANS[key])},
+                delta=spec.privacy.delta,
+            )
+    return _PLANS[key]
 
 
 # ---------------------------------------------------------------------------- query

@@ -1,0 +1,203 @@
+"""Federation benchmark: round cost of SecAgg+, bytes per node, federated vs central quality.
+
+All in Flower's simulation engine on this machine, one JSON line per measurement, written
+to bench/results/federation.jsonl and the table in docs/benchmarks.md:
+
+- ``round``: wall time of a round (query, DP-SGD steps, aggregation, evaluation, records)
+  with and without SecAgg+ at 3 and 10 nodes (bank table split non-IID, the second round
+  of two, so start-up is not counted), and the bytes node 0 sent in that round (its outbox);
+- ``scale``: 100 virtual nodes completing one SecAgg+ round;
+- ``quality``: the bank federation (3 non-IID nodes, the spec's full training) against the
+  same model trained centrally on the pooled rows, both at the spec's epsilon, scored on
+  the same 20% holdout.
+
+    python bench/federation.py --quick     # rounds only, 3 nodes (a few minutes)
+    python bench/federation.py             # everything (about half an hour on 2 cores)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+from sqlalchemy import select
+
+from fedsynth.demo.data import prepare_demo_tables, split_holdout
+from fedsynth.demo.nodes import dirichlet_split, write_nodes
+from fedsynth.demo.simulate import simulate
+from fedsynth.generative import quality
+from fedsynth.generative.spec import load_spec
+from fedsynth.generative.table import read_table, validate_table
+from fedsynth.generative.training import train
+from fedsynth.home import fedsynth_home
+from fedsynth.privacy.keys import KeyStore
+from fedsynth.server.records import Database, RoundRecord, database_url
+from fedsynth.server.registry import ModelRegistry
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results" / "federation.jsonl"
+DOC = REPO / "docs" / "benchmarks.md"
+BANK = REPO / "federations" / "bank.toml"
+ROUND_STEPS = 20  # DP-SGD steps per node per round in the round-time runs
+
+
+def spec_variant(directory: Path, *, secure: bool) -> Path:
+    raw = tomllib.loads(BANK.read_text())
+    raw.setdefault("secure_aggregation", {})["enabled"] = secure
+    if not secure:
+        raw["federation"]["min_nodes"] = 1
+    path = directory / f"bank-{'secagg' if secure else 'plain'}.toml"
+    path.write_text(tomli_w.dumps(raw))
+    return path
+
+
+def nodes_for(train_raw, n: int, directory: Path, alpha: float = 1.0) -> Path:
+    parts = dirichlet_split(train_raw, "default", n, alpha=alpha, seed=0)
+    write_nodes("bank", parts, directory, epsilon_cap=10)
+    return directory
+
+
+def round_figures(home: Path, nodes_dir: Path, run_id: int, last_round: int) -> dict[str, Any]:
+    with Database(database_url(home)).session() as s:
+        record = s.scalars(
+            select(RoundRecord).where(RoundRecord.run_id == run_id, RoundRecord.round == last_round)
+        ).one()
+        seconds = (record.finished_at - record.started_at).total_seconds()
+    outbox = [json.loads(line) for line in (nodes_dir / "node-0" / "outbox.jsonl").open()]
+    sent = sum(e["bytes"] for e in outbox if e["round"] == str(last_round))
+    return {"round_s": round(seconds, 2), "node0_bytes_sent": sent}
+
+
+def bench_rounds(train_raw, work: Path, node_counts: list[int]) -> list[dict[str, Any]]:
+    rows = []
+    for n in node_counts:
+        for secure in (True, False):
+            case = work / f"round-{n}-{secure}"
+            nodes = nodes_for(train_raw, n, case / "nodes")
+            started = time.perf_counter()
+            outcome = simulate(
+                spec_variant(case, secure=secure), nodes, n, case, rounds=2, steps=2 * ROUND_STEPS
+            )
+            row = {
+                "bench": "round",
+                "nodes": n,
+                "secure_aggregation": secure,
+                "steps_per_round": ROUND_STEPS,
+                **round_figures(case, nodes, outcome.run_id, 2),
+                "run_s": round(time.perf_counter() - started, 1),
+            }
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
+def bench_scale(train_raw, work: Path, n: int) -> dict[str, Any]:
+    case = work / f"scale-{n}"
+    nodes = nodes_for(train_raw, n, case / "nodes", alpha=100.0)  # about 80 rows each
+    started = time.perf_counter()
+    outcome = simulate(spec_variant(case, secure=True), nodes, n, case, rounds=1, steps=4)
+    row = {
+        "bench": "scale",
+        "nodes": n,
+        "secure_aggregation": True,
+        "status": outcome.status,
+        **round_figures(case, nodes, outcome.run_id, 1),
+        "run_s": round(time.perf_counter() - started, 1),
+    }
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def bench_quality(train_raw, holdout_raw, work: Path) -> list[dict[str, Any]]:
+    spec = load_spec(BANK)
+    train_rows = validate_table(train_raw, spec.schema)
+    holdout = validate_table(holdout_raw, spec.schema)
+    rows = []
+    started = time.perf_counter()
+    central = train(train_rows, spec)
+    central_s = time.perf_counter() - started
+    case = work / "quality"
+    nodes = nodes_for(train_raw, 3, case / "nodes")
+    started = time.perf_counter()
+    outcome = simulate(BANK, nodes, 3, case)
+    federated_s = time.perf_counter() - started
+    assert outcome.model_id is not None
+    registry = ModelRegistry(
+        case / "registry", KeyStore(case / "keys"), Database(database_url(case))
+    )
+    federated = registry.load(outcome.model_id)
+    for name, model, seconds in (
+        ("central", central, central_s),
+        ("federated-3-non-iid", federated, federated_s),
+    ):
+        scores = quality.evaluate(
+            train_rows, holdout, model.sample(len(train_rows), seed=0), spec.schema
+        )
+        row = {
+            "bench": "quality",
+            "dataset": "bank",
+            "setting": name,
+            "epsilon": model.epsilon,
+            "quality": scores["quality"],
+            "tstr_auc": scores["tstr_auc"],
+            "trtr_auc": scores["trtr_auc"],
+            "wall_s": round(seconds, 1),
+        }
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def write_doc(rows: list[dict[str, Any]]) -> None:
+    lines = ["| bench | setting | figure |", "| --- | --- | --- |"]
+    for r in rows:
+        if r["bench"] == "round":
+            setting = f"{r['nodes']} nodes, {'SecAgg+' if r['secure_aggregation'] else 'plain'}"
+            figure = f"round {r['round_s']} s; node 0 sent {r['node0_bytes_sent']:,} bytes"
+        elif r["bench"] == "scale":
+            setting = f"{r['nodes']} virtual nodes, SecAgg+"
+            figure = f"{r['status']}; round {r['round_s']} s"
+        else:
+            setting = f"bank, {r['setting']}, epsilon {r['epsilon']:.2f}"
+            figure = (
+                f"quality {r['quality']:.3f}, TSTR AUC {r['tstr_auc']:.3f} "
+                f"(TRTR {r['trtr_auc']:.3f}), {r['wall_s']} s"
+            )
+        lines.append(f"| {r['bench']} | {setting} | {figure} |")
+    text = DOC.read_text()
+    start, end = "<!-- federation:start -->", "<!-- federation:end -->"
+    block = f"{start}\n" + "\n".join(lines) + f"\n{end}"
+    if start in text:
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
+    else:
+        text += f"\n## Federation (bench/federation.py)\n\n{block}\n"
+    DOC.write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="round times at 3 nodes only")
+    args = parser.parse_args()
+    table = prepare_demo_tables(fedsynth_home() / "data", names=("bank",))["bank"]
+    train_raw, holdout_raw = split_holdout(read_table(table))
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="fedsynth-bench-") as tmp:
+        work = Path(tmp)
+        rows += bench_rounds(train_raw, work, [3] if args.quick else [3, 10])
+        if not args.quick:
+            rows.append(bench_scale(train_raw, work, 100))
+            rows += bench_quality(train_raw, holdout_raw, work)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if not args.quick:
+        write_doc(rows)
+
+
+if __name__ == "__main__":
+    main()
