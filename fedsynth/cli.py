@@ -241,11 +241,11 @@ def demo(
         "model",
         "kind",
         "rounds",
-        "node rows",
-        "node epsilon",
+        "rows",
+        "max node ε",
         "quality",
-        "TSTR AUC",
-        "TRTR AUC",
+        "TSTR",
+        "TRTR",
     ):
         table.add_column(name, justify="left" if name in ("sector", "model", "kind") else "right")
 
@@ -253,13 +253,14 @@ def demo(
         return f"{value:.3f}" if isinstance(value, float) else str(value)
 
     for r in results:
+        spent = [e for e in r.node_epsilons.values() if e is not None]
         table.add_row(
             r.sector,
             r.model_id,
             r.kind,
             str(r.rounds),
-            " / ".join(f"{n:,}" for n in r.node_rows),
-            " / ".join(fmt(e) if e is not None else "inf" for e in r.node_epsilons.values()),
+            f"{sum(r.node_rows):,}",
+            fmt(max(spent)) if spent else "inf",
             fmt(r.quality),
             fmt(r.tstr_auc),
             fmt(r.trtr_auc),

@@ -69,6 +69,7 @@ def simulate(
     }
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
+        logging.getLogger("flwr").addFilter(_hide_run_simulation_deprecation)
     run_simulation(
         server_app=server,
         client_app=client,
@@ -83,3 +84,10 @@ def simulate(
             select(ModelVersionRecord).where(ModelVersionRecord.run_id == run.id)
         ).one_or_none()
         return Outcome(int(run.id), str(run.status), model.id if model else None)
+
+
+def _hide_run_simulation_deprecation(record: logging.LogRecord) -> bool:
+    """flwr 1.41 deprecates ``run_simulation`` in favour of ``flwr run`` (which starts a
+    SuperLink process); the embedded default keeps the in-process engine on purpose."""
+    message = record.getMessage()
+    return "run_simulation" not in message and "deprecated feature" not in message.lower()
