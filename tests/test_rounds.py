@@ -27,7 +27,7 @@ def test_the_plan_spends_exactly_the_target_over_all_rounds_and_releases():
     history = [
         *plan.release_history(),
         *plan.round_history() * plan.rounds,
-        *plan.evaluation_history(len(rounds.EVALUATION_SCORES) * plan.rounds),
+        *plan.evaluation_history(len(rounds.EVALUATION_SCORES)),  # the last round only
     ]
     epsilon = epsilon_of(history, spec.privacy.delta)
     assert epsilon == pytest.approx(1.0, rel=0.01) and epsilon <= 1.0
@@ -148,3 +148,11 @@ def test_plain_aggregation_allows_fewer_nodes():
     raw["federation"]["min_nodes"] = 1
     raw["secure_aggregation"] = {"enabled": False}
     assert parse_spec(raw).federation.min_nodes == 1
+
+
+def test_evaluation_rounds_are_every_kth_and_always_the_last():
+    raw = small_spec_dict()
+    raw["federation"].update(rounds=7, evaluate_every=3)
+    assert parse_spec(raw).federation.evaluation_rounds() == [3, 6, 7]
+    raw["federation"]["evaluate_every"] = 0
+    assert parse_spec(raw).federation.evaluation_rounds() == [7]

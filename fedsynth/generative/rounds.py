@@ -88,7 +88,7 @@ def plan_node(spec: FederationSpec, rows: int) -> NodePlan:
     evaluation_sigma = 0.0
     prior = [(marginal_sigma, 1.0, 1)]
     if privacy.evaluation_share > 0:
-        releases = rounds * len(EVALUATION_SCORES)
+        releases = len(spec.federation.evaluation_rounds()) * len(EVALUATION_SCORES)
         evaluation_sigma = calibrate_noise(
             target_epsilon=eps * privacy.evaluation_share,
             delta=privacy.delta,

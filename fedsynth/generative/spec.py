@@ -35,6 +35,17 @@ class FederationSection(_Section):
     rounds: Annotated[int, Field(ge=1, le=10_000)] = 5
     # Fewest nodes whose updates may form one aggregate; a round with fewer fails.
     min_nodes: Annotated[int, Field(ge=1)] = 3
+    # Nodes score the model after every k-th round and after the last; 0: the last only.
+    # Each evaluation costs budget (privacy.evaluation_share is spread over them).
+    evaluate_every: Annotated[int, Field(ge=0)] = 0
+
+    def evaluation_rounds(self) -> list[int]:
+        every = [
+            r
+            for r in range(1, self.rounds + 1)
+            if self.evaluate_every and r % self.evaluate_every == 0
+        ]
+        return sorted({*every, self.rounds})
 
 
 class ModelSection(_Section):
@@ -58,7 +69,7 @@ class PrivacySection(_Section):
     marginal_share: Annotated[float, Field(ge=0, lt=1)] = 0.1
     # Share of target_epsilon (alone, before composition) spent on the scalar scores a
     # node returns in federated evaluation rounds, each a Gaussian-mechanism release.
-    evaluation_share: Annotated[float, Field(ge=0, lt=1)] = 0.05
+    evaluation_share: Annotated[float, Field(ge=0, lt=1)] = 0.1
 
     @field_validator("target_epsilon", mode="before")
     @classmethod

@@ -219,6 +219,7 @@ class FederationServer:
             min_nodes=spec.federation.min_nodes,
             secure=secure,
             message_config=message_config,
+            evaluation_rounds=spec.federation.evaluation_rounds(),
         )
         legacy = LegacyContext(
             context, config=ServerConfig(num_rounds=spec.federation.rounds), strategy=strategy

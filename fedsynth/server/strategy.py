@@ -38,6 +38,7 @@ class FederationStrategy(FedAvg):
         min_nodes: int,
         secure: bool,
         message_config: dict[str, Scalar],
+        evaluation_rounds: list[int] | None = None,
     ) -> None:
         super().__init__(
             fraction_fit=1.0,
@@ -51,6 +52,7 @@ class FederationStrategy(FedAvg):
         self.min_nodes = min_nodes
         self.secure = secure
         self.message_config = message_config
+        self.evaluation_rounds = set(evaluation_rounds or [])
         self.eligible: set[int] = set()
         self.rounds: dict[int, RoundLog] = {}
 
@@ -102,6 +104,8 @@ class FederationStrategy(FedAvg):
     def configure_evaluate(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, EvaluateIns]]:
+        if server_round not in self.evaluation_rounds:
+            return []  # each evaluation costs the nodes budget: only the planned rounds
         clients = self._eligible(client_manager)
         return [(c, EvaluateIns(parameters, self._config(server_round))) for c in clients]
 
