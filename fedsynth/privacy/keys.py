@@ -26,6 +26,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from fedsynth.files import fsync_directory
+
 SIGNING_KEY_FILE = "registry_signing.pem"
 ENCRYPTION_KEY_FILE = "registry_encryption.key"
 NONCE_BYTES = 12
@@ -158,7 +160,7 @@ class KeyStore:
         finally:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
-        _fsync_directory(self.directory)
+        fsync_directory(self.directory)
 
 
 def _read_private(path: Path) -> bytes:
@@ -185,11 +187,3 @@ def _parse_signing_key(path: Path, pem: bytes) -> Ed25519PrivateKey:
             "backup (a new key cannot verify models signed with the old one)"
         )
     return key
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

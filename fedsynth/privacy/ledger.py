@@ -29,6 +29,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from fedsynth.files import atomic_write
 from fedsynth.generative.accounting import epsilon_of
 
 FORMAT = "fedsynth-ledger/1"
@@ -189,7 +190,7 @@ class PrivacyLedger:
             fcntl.flock(lock, fcntl.LOCK_EX)
             data = self._read()
             yield data
-            _atomic_write(self.path, json.dumps(data, indent=1).encode())
+            atomic_write(self.path, json.dumps(data, indent=1).encode())
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
             os.close(lock)
@@ -197,19 +198,3 @@ class PrivacyLedger:
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)

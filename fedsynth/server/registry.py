@@ -43,6 +43,7 @@ from safetensors.numpy import save as save_arrays
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
+from fedsynth.files import fsync_directory
 from fedsynth.generative.model import ModelFileError, SynthModel
 from fedsynth.privacy.keys import DecryptionError, KeyStore, SignatureError
 from fedsynth.server.records import Database, Federation, ModelVersionRecord, Run
@@ -328,7 +329,7 @@ class ModelRegistry:
                 _write(staging / f"{name}.enc", self.keys.encrypt(data, aad))
             _write(staging / MANIFEST_FILE, manifest_bytes)
             _write(staging / SIGNATURE_FILE, self.keys.sign(manifest_bytes))
-            _fsync_directory(staging)
+            fsync_directory(staging)
             if manifest["kind"] == "checkpoint" and final.exists():
                 old = Path(tempfile.mkdtemp(prefix=f".old-{final.name}-", dir=final.parent))
                 os.replace(final, old)
@@ -341,7 +342,7 @@ class ModelRegistry:
                     if final.exists():
                         raise FileExistsError(str(final)) from exc
                     raise
-            _fsync_directory(final.parent)
+            fsync_directory(final.parent)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return manifest_bytes.decode("utf-8")
@@ -457,11 +458,3 @@ def _write(path: Path, data: bytes) -> None:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
