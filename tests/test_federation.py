@@ -146,6 +146,8 @@ def test_the_node_over_its_cap_refused_and_the_refusal_is_recorded(run):
     with run["db"].session() as s:
         refused = s.scalars(select(Participation).where(Participation.status == "refused")).all()
         assert {(p.node, p.round) for p in refused} == {("bank-d", r) for r in range(1, ROUNDS + 1)}
+        trained = s.scalars(select(Participation).where(Participation.status == "trained")).all()
+        assert len(trained) == 3 * ROUNDS and {p.epsilon_cap for p in trained} == {2.0}
         rounds = s.scalars(select(RoundRecord)).all()
         assert [(r.round, r.status, r.participants) for r in rounds] == [
             (r, "completed", 3) for r in range(1, ROUNDS + 1)

@@ -131,6 +131,7 @@ class FederationServer:
         self.registry = ModelRegistry(home / "registry", KeyStore(home / "keys"), self.db)
         self.run_id = 0
         self._refused: dict[int, list[str]] = {}
+        self._caps: dict[str, float] = {}  # institution -> the cap it last reported
 
     # ------------------------------------------------------------------ records
     def start_run(self) -> None:
@@ -318,6 +319,7 @@ class FederationServer:
             status = answer.get(protocol.STATUS)
             if status == protocol.ACCEPT:
                 accepted[node_id] = institution
+                self._caps[institution] = float(answer[protocol.CAP])
             elif status == protocol.REFUSE:
                 self._refused.setdefault(server_round, []).append(institution)
                 self._participation(
@@ -395,6 +397,7 @@ class FederationServer:
                 epsilon=_finite(metrics.get(protocol.EPSILON)),
                 delta=float(metrics.get(protocol.DELTA, 0.0)),
                 steps=int(metrics.get(protocol.STEPS, 0)),
+                cap=self._caps.get(institution),
             )
         with self.db.session() as s:
             s.add(
