@@ -362,6 +362,95 @@ def audit_verify() -> None:
     raise typer.Exit(code=1)
 
 
+# ------------------------------------------------------------------------------ API
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    max_rows: Annotated[
+        int, typer.Option(help="Largest n one sample request may ask for")
+    ] = 10_000_000,
+) -> None:
+    """Serve the HTTP API (models, samples, budgets, audit) over FEDSYNTH_HOME."""
+    import uvicorn
+
+    from fedsynth.server.api.app import create_app
+
+    home = fedsynth_home()
+    console.print(f"FEDSYNTH_HOME = {home}; API docs at http://{host}:{port}/docs")
+    uvicorn.run(create_app(home, max_rows=max_rows), host=host, port=port, log_level="info")
+
+
+keys_app = typer.Typer(help="API keys (bearer tokens) for the HTTP API.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+def _api_keys():
+    from fedsynth.server.api.keys import KeyStore
+    from fedsynth.server.audit import AuditLog
+    from fedsynth.server.records import Database, database_url
+
+    db = Database(database_url(fedsynth_home()))
+    return KeyStore(db), AuditLog(db)
+
+
+@keys_app.command("create")
+def keys_create(
+    role: Annotated[str, typer.Option(help="analyst, compliance or admin")],
+    federation: Annotated[
+        list[str] | None,
+        typer.Option(help="Limit the key to this federation (repeatable); default: all"),
+    ] = None,
+    label: Annotated[str, typer.Option(help="A note, e.g. who holds the key")] = "",
+) -> None:
+    """Create a key; the key itself is printed alone on the last line, once."""
+    from fedsynth.server.api.keys import ApiKeyError
+
+    keys, audit = _api_keys()
+    try:
+        info, token = keys.create(role, federation, label)
+    except ApiKeyError as exc:
+        raise _fail(str(exc)) from None
+    audit.append(
+        "key_created", "cli", {"key": info.id, "role": info.role, "federations": info.federations}
+    )
+    console.print(f"key {info.id} ({info.role}); store it now, it is not shown again:")
+    sys.stdout.write(token + "\n")
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: Annotated[str, typer.Argument(help="The key id (not the key)")]) -> None:
+    """Revoke a key: every request with it is refused from now on."""
+    from fedsynth.server.api.keys import ApiKeyError
+
+    keys, audit = _api_keys()
+    try:
+        keys.revoke(key_id)
+    except ApiKeyError as exc:
+        raise _fail(str(exc)) from None
+    audit.append("key_revoked", "cli", {"key": key_id})
+    Console().print(f"key {key_id} revoked")
+
+
+@keys_app.command("list")
+def keys_list() -> None:
+    """Key ids, roles, scopes and revocation (never the keys themselves)."""
+    keys, _ = _api_keys()
+    table = Table(title="API keys")
+    for name in ("id", "role", "federations", "label", "created", "revoked"):
+        table.add_column(name)
+    for k in keys.list():
+        table.add_row(
+            k.id,
+            k.role,
+            ", ".join(k.federations or ["all"]),
+            k.label,
+            k.created_at,
+            k.revoked_at or "",
+        )
+    Console().print(table)
+
+
 # ------------------------------------------------------------------------------ node
 node_app = typer.Typer(help="What runs at an institution.", no_args_is_help=True)
 app.add_typer(node_app, name="node")

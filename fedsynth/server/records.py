@@ -42,6 +42,7 @@ DATABASE_URL_ENV = "FEDSYNTH_DATABASE_URL"
 RUN_STATUSES = ("running", "completed", "failed")
 ROUND_STATUSES = ("completed", "failed", "skipped")
 PARTICIPATION_STATUSES = ("trained", "refused", "failed")
+ROLES = ("analyst", "compliance", "admin")
 #: Execution option that makes a SQLite transaction start with ``BEGIN IMMEDIATE``.
 IMMEDIATE_OPTION = "fedsynth_begin_immediate"
 
@@ -189,6 +190,21 @@ class AuditEvent(Base):
     payload_json: Mapped[str] = mapped_column(Text)
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64))
+
+
+class ApiKey(Base):
+    """An API key: only the SHA-256 of its secret is stored (``fedsynth.server.api.keys``)."""
+
+    __tablename__ = "api_keys"
+    __table_args__ = (_one_of("role", ROLES, "ck_api_keys_role"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    secret_sha256: Mapped[str] = mapped_column(String(64))
+    role: Mapped[str] = mapped_column(String(16))
+    federations_json: Mapped[str | None] = mapped_column(Text, nullable=True)  # null: all
+    label: Mapped[str] = mapped_column(String(200), default="")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
 
 class Database:

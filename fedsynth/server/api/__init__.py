@@ -1,0 +1,1 @@
+"""The HTTP API for analysts (synthetic rows) and compliance officers (budgets, audit)."""

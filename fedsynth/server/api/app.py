@@ -1,0 +1,634 @@
+"""The FastAPI service: models and synthetic rows for analysts, budgets and the audit trail
+for compliance officers, keys for admins. ``fedsynth serve`` runs it with uvicorn.
+
+Every route but ``/health`` needs a bearer key (``fedsynth.server.api.keys``). Roles:
+analyst (models, samples), compliance (model metadata, budgets, audit), admin (all, keys).
+A key scoped to some federations sees only their models and budgets, and gets 404 for any
+other model, so that a 403 does not confirm that it exists. Refused requests (401, 403) and
+every sample request and key change are audit events in the same hash chain as training.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, status
+from fastapi import Path as PathParam
+from fastapi.responses import StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import select
+
+import fedsynth
+from fedsynth.generative.export import iter_encoded
+from fedsynth.generative.model import SynthModel
+from fedsynth.privacy.keys import KeyStore as SigningKeys
+from fedsynth.server.api.keys import ApiKeyError, KeyInfo, KeyStore, Principal
+from fedsynth.server.audit import AuditEntry, AuditLog
+from fedsynth.server.records import (
+    ROLES,
+    Database,
+    NodeReport,
+    Participation,
+    Run,
+    database_url,
+)
+from fedsynth.server.registry import ModelRegistry, ModelVersion, RegistryError
+
+DEFAULT_MAX_ROWS = 10_000_000
+MEDIA_TYPES = {
+    "csv": "text/csv; charset=utf-8",
+    "ndjson": "application/x-ndjson",
+    "parquet": "application/vnd.apache.parquet",
+}
+ANALYST, COMPLIANCE, ADMIN = ROLES
+SYNTHETIC_ROWS = 16_384  # rows per streamed chunk
+# Module level: FastAPI resolves the route annotations against this module's globals.
+_BEARER = HTTPBearer(auto_error=False)
+
+
+# ---------------------------------------------------------------------------- bodies
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Health(_Out):
+    status: Literal["ok"] = "ok"
+    version: str
+
+
+class ModelSummary(_Out):
+    id: str = Field(examples=["bank-v1"])
+    federation: str
+    sector: str
+    kind: str = Field(examples=["gan"])
+    version: int
+    round: int
+    epsilon: float | None = Field(
+        description="Largest epsilon spent by a contributing node; null: trained without DP"
+    )
+    delta: float
+    created_at: str
+
+
+class ModelList(_Out):
+    models: list[ModelSummary]
+
+
+class ModelDetail(ModelSummary):
+    schema_: list[dict[str, Any]] = Field(alias="schema", serialization_alias="schema")
+    participants: list[str]
+    node_privacy: dict[str, dict[str, float | None]]
+    quality: dict[str, Any]
+    secure_aggregation: bool | None
+
+
+class SampleRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"n": 1000, "seed": 7, "conditions": {"student": "Yes"}, "format": "csv"}]
+        },
+    )
+    n: int = Field(ge=1, description="Rows to generate")
+    seed: int = Field(default=0, ge=0, le=2**63 - 1)
+    conditions: dict[str, str | bool | int] | None = Field(
+        default=None, description="Equality conditions on categorical or boolean columns"
+    )
+    format: Literal["csv", "ndjson", "parquet"] = "csv"
+
+
+class Budget(_Out):
+    federation: str
+    node: str
+    epsilon_spent: float | None
+    delta: float | None
+    epsilon_cap: float | None
+    epsilon_remaining: float | None
+    rounds_trained: int
+    refusals: int
+
+
+class BudgetList(_Out):
+    budgets: list[Budget]
+
+
+class BudgetRound(_Out):
+    run: int
+    round: int
+    status: str
+    epsilon_spent: float | None
+    epsilon_cap: float | None
+    steps: int | None
+    detail: str
+
+
+class BudgetHistory(_Out):
+    federation: str
+    node: str
+    rounds: list[BudgetRound]
+    evaluations: list[dict[str, Any]]
+
+
+class AuditOut(_Out):
+    seq: int
+    created_at: str
+    event_type: str
+    actor: str
+    payload: dict[str, Any]
+    prev_hash: str
+    hash: str
+
+
+class AuditPage(_Out):
+    entries: list[AuditOut]
+    next_cursor: int | None = Field(description="Pass as `cursor` for the next page")
+
+
+class ChainOut(_Out):
+    ok: bool
+    checked: int
+    first_bad: int | None
+    reason: str
+
+
+class KeyCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["analyst", "compliance", "admin"]
+    federations: list[str] | None = Field(default=None, description="Scope; null: all")
+    label: str = Field(default="", max_length=200)
+
+
+class KeyOut(_Out):
+    id: str
+    role: str
+    federations: list[str] | None
+    label: str
+    created_at: str
+    revoked_at: str | None
+
+
+class KeyCreated(KeyOut):
+    key: str = Field(description="The bearer token; shown once, never stored")
+
+
+# ---------------------------------------------------------------------------- the app
+
+
+class Services:
+    """What the routes share: records, audit chain, registry, API keys, loaded models."""
+
+    def __init__(self, home: Path, max_rows: int) -> None:
+        home.mkdir(parents=True, exist_ok=True)
+        self.db = Database(database_url(home))
+        self.audit = AuditLog(self.db)
+        self.registry = ModelRegistry(home / "registry", SigningKeys(home / "keys"), self.db)
+        self.keys = KeyStore(self.db)
+        self.max_rows = max_rows
+        self._models: dict[str, SynthModel] = {}
+        self._lock = threading.Lock()
+
+    def model(self, model_id: str) -> SynthModel:
+        with self._lock:
+            if model_id not in self._models:
+                try:
+                    self._models[model_id] = self.registry.load(model_id)
+                except RegistryError as exc:
+                    self.audit.append(
+                        "model_refused", "api", {"model": model_id, "reason": str(exc)}
+                    )
+                    raise
+            return self._models[model_id]
+
+
+def create_app(home: Path, *, max_rows: int = DEFAULT_MAX_ROWS) -> FastAPI:
+    services = Services(home, max_rows)
+    app = FastAPI(
+        title="fedsynth",
+        version=fedsynth.__version__,
+        description=(
+            "Synthetic rows from federated, differentially private models; privacy budgets "
+            "and a verifiable audit trail. Every route but /health needs `Authorization: "
+            "Bearer <key>` (create keys with `fedsynth keys create --role ...`)."
+        ),
+    )
+    app.state.services = services
+
+    def require(*roles: str) -> Callable[..., Principal]:
+        def dependency(
+            request: Request,
+            credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)],
+        ) -> Principal:
+            where = {"method": request.method, "path": request.url.path}
+            if credentials is None:
+                services.audit.append("auth_failed", "anonymous", {**where, "reason": "no key"})
+                raise HTTPException(
+                    status.HTTP_401_UNAUTHORIZED,
+                    "missing API key: send Authorization: Bearer <key>",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+            principal, key_id = services.keys.authenticate(credentials.credentials)
+            if principal is None:
+                services.audit.append(
+                    "auth_failed", f"key:{key_id}", {**where, "reason": "unknown or revoked key"}
+                )
+                raise HTTPException(
+                    status.HTTP_401_UNAUTHORIZED,
+                    "unknown or revoked API key",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+            if principal.role not in roles:
+                services.audit.append(
+                    "forbidden",
+                    f"key:{principal.key_id}",
+                    {**where, "role": principal.role, "allowed": list(roles)},
+                )
+                raise HTTPException(
+                    status.HTTP_403_FORBIDDEN,
+                    f"role {principal.role!r} may not use this route (needs {' or '.join(roles)})",
+                )
+            return principal
+
+        return dependency
+
+    readers = Depends(require(ANALYST, COMPLIANCE, ADMIN))
+    analysts = Depends(require(ANALYST, ADMIN))
+    officers = Depends(require(COMPLIANCE, ADMIN))
+    admins = Depends(require(ADMIN))
+
+    def visible_version(model_id: str, who: Principal) -> ModelVersion:
+        try:
+            version = services.registry.get(model_id)
+        except RegistryError:
+            version = None
+        if version is None or not who.sees(version.federation):
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no model {model_id!r}")
+        return version
+
+    @app.get("/health", tags=["service"])
+    def health() -> Health:
+        return Health(version=fedsynth.__version__)
+
+    @app.get("/v1/models", tags=["models"])
+    def list_models(who: Principal = readers) -> ModelList:
+        versions = [v for v in services.registry.list() if who.sees(v.federation)]
+        return ModelList(models=[_summary(v) for v in versions])
+
+    @app.get("/v1/models/{model_id}", tags=["models"])
+    def get_model(model_id: str, who: Principal = readers) -> ModelDetail:
+        version = visible_version(model_id, who)
+        manifest = services.registry.manifest(model_id)
+        model = services.model(model_id)
+        privacy = model.metadata.get("privacy", {})
+        return ModelDetail(
+            **_summary(version).model_dump(),
+            schema=list(model.metadata["schema"]["columns"]),
+            participants=list(manifest.get("participants", [])),
+            node_privacy={k: dict(v) for k, v in manifest.get("node_privacy", {}).items()},
+            quality=dict(model.metadata.get("quality") or {}),
+            secure_aggregation=privacy.get("secure_aggregation"),
+        )
+
+    @app.post(
+        "/v1/models/{model_id}/samples",
+        tags=["models"],
+        response_class=StreamingResponse,
+        responses={
+            200: {
+                "description": "The rows, streamed in chunks",
+                "content": {media: {} for media in MEDIA_TYPES.values()},
+            },
+            422: {"description": "Invalid body or condition; the message names the field"},
+        },
+    )
+    def sample(model_id: str, body: SampleRequest, who: Principal = analysts) -> StreamingResponse:
+        version = visible_version(model_id, who)
+        if body.n > services.max_rows:
+            raise HTTPException(
+                status.HTTP_422_UNPROCESSABLE_CONTENT,
+                [{"loc": ["body", "n"], "msg": f"at most {services.max_rows} rows per request"}],
+            )
+        model = services.model(model_id)
+        conditions = dict(body.conditions or {})
+        for column, value in conditions.items():
+            try:
+                model.codec.condition_level(column, value)
+            except (KeyError, ValueError) as exc:
+                raise HTTPException(
+                    status.HTTP_422_UNPROCESSABLE_CONTENT,
+                    [{"loc": ["body", "conditions", column], "msg": str(exc).strip("'\"")}],
+                ) from None
+        provenance = _provenance(version)
+        chunks = model.iter_samples(
+            body.n, seed=body.seed, conditions=conditions, chunk_size=SYNTHETIC_ROWS
+        )
+        stream = iter_encoded(chunks, model.schema, body.format, provenance)
+        record = {
+            "model": model_id,
+            "role": who.role,
+            "n": body.n,
+            "seed": body.seed,
+            "conditions": {k: str(v) for k, v in conditions.items()},
+            "format": body.format,
+        }
+        headers = {
+            "Content-Disposition": f'attachment; filename="{model_id}-synthetic.{body.format}"',
+            **{f"X-Fedsynth-{k.replace('_', '-').title()}": v for k, v in provenance.items()},
+        }
+        return StreamingResponse(
+            _audited(stream, services.audit, f"key:{who.key_id}", record),
+            media_type=MEDIA_TYPES[body.format],
+            headers=headers,
+        )
+
+    @app.get("/v1/privacy/budgets", tags=["privacy"])
+    def budgets(who: Principal = officers) -> BudgetList:
+        return BudgetList(budgets=[b for b in _budgets(services.db) if who.sees(b.federation)])
+
+    @app.get("/v1/privacy/budgets/{federation}/{node}", tags=["privacy"])
+    def budget_history(federation: str, node: str, who: Principal = officers) -> BudgetHistory:
+        history = _history(services.db, federation, node) if who.sees(federation) else None
+        if history is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no node {node!r} in {federation!r}")
+        return history
+
+    @app.get("/v1/audit", tags=["audit"])
+    def audit(
+        who: Principal = officers,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        event_type: str | None = None,
+        actor: str | None = None,
+        cursor: Annotated[int, Query(ge=0, description="`next_cursor` of the previous page")] = 0,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    ) -> AuditPage:
+        entries: list[AuditEntry] = []
+        after = cursor
+        while len(entries) < limit:  # a scoped key skips other federations' events
+            batch = services.audit.events(
+                since=since,
+                until=until,
+                event_type=event_type,
+                actor=actor,
+                after_seq=after,
+                limit=limit,
+            )
+            if not batch:
+                break
+            after = batch[-1].seq
+            entries += [e for e in batch if _visible(e, who)]
+        entries = entries[:limit]
+        more = bool(entries) and len(entries) == limit
+        return AuditPage(
+            entries=[AuditOut(**e.__dict__) for e in entries],
+            next_cursor=entries[-1].seq if more else None,
+        )
+
+    @app.get("/v1/audit/verify", tags=["audit"])
+    def verify(who: Principal = officers) -> ChainOut:
+        result = services.audit.verify()
+        return ChainOut(
+            ok=result.ok, checked=result.checked, first_bad=result.first_bad, reason=result.reason
+        )
+
+    @app.get("/v1/audit/export", tags=["audit"], response_class=StreamingResponse)
+    def export(
+        who: Principal = officers,
+        format: Literal["csv", "ndjson"] = "ndjson",
+    ) -> StreamingResponse:
+        services.audit.append("audit_exported", f"key:{who.key_id}", {"format": format})
+        return StreamingResponse(
+            _export(services.audit, who, format),
+            media_type=MEDIA_TYPES[format],
+            headers={"Content-Disposition": f'attachment; filename="fedsynth-audit.{format}"'},
+        )
+
+    @app.post("/v1/keys", tags=["keys"], status_code=status.HTTP_201_CREATED)
+    def create_key(body: KeyCreate, who: Principal = admins) -> KeyCreated:
+        info, token = services.keys.create(body.role, body.federations, body.label)
+        services.audit.append(
+            "key_created",
+            f"key:{who.key_id}",
+            {"key": info.id, "role": info.role, "federations": info.federations},
+        )
+        return KeyCreated(**_key(info).model_dump(), key=token)
+
+    @app.get("/v1/keys", tags=["keys"])
+    def list_keys(who: Principal = admins) -> list[KeyOut]:
+        return [_key(k) for k in services.keys.list()]
+
+    @app.delete("/v1/keys/{key_id}", tags=["keys"])
+    def revoke_key(
+        key_id: Annotated[str, PathParam(max_length=32)], who: Principal = admins
+    ) -> KeyOut:
+        try:
+            info = services.keys.revoke(key_id)
+        except ApiKeyError as exc:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
+        services.audit.append("key_revoked", f"key:{who.key_id}", {"key": key_id})
+        return _key(info)
+
+    return app
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _summary(v: ModelVersion) -> ModelSummary:
+    epsilon = v.epsilon if v.epsilon is not None and math.isfinite(v.epsilon) else None
+    return ModelSummary(
+        id=v.id,
+        federation=v.federation,
+        sector=v.sector,
+        kind=v.kind,
+        version=v.version,
+        round=v.round,
+        epsilon=epsilon,
+        delta=v.delta,
+        created_at=v.created_at.isoformat()
+        if isinstance(v.created_at, datetime)
+        else str(v.created_at),
+    )
+
+
+def _provenance(v: ModelVersion) -> dict[str, str]:
+    epsilon = v.epsilon if v.epsilon is not None and math.isfinite(v.epsilon) else math.inf
+    return {
+        "model": v.id,
+        "model_version": str(v.version),
+        "epsilon": "inf" if math.isinf(epsilon) else f"{epsilon:.6g}",
+        "delta": f"{v.delta:g}",
+        "label": "synthetic",
+    }
+
+
+def _audited(
+    stream: Iterator[bytes], audit: AuditLog, actor: str, record: dict[str, Any]
+) -> Iterator[bytes]:
+    """Pass the bytes on; when the stream ends (or breaks) write one audit event."""
+    started, sent, outcome = time.perf_counter(), 0, "completed"
+    try:
+        for data in stream:
+            sent += len(data)
+            yield data
+    except GeneratorExit:
+        outcome = "client disconnected"
+        raise
+    except Exception as exc:
+        outcome = f"error: {type(exc).__name__}: {exc}"[:500]
+        raise
+    finally:
+        audit.append(
+            "sample_request",
+            actor,
+            {
+                **record,
+                "bytes": sent,
+                "duration_s": round(time.perf_counter() - started, 3),
+                "outcome": outcome,
+            },
+        )
+
+
+def _visible(entry: AuditEntry, who: Principal) -> bool:
+    if who.federations is None:
+        return True
+    federation = entry.payload.get("federation")
+    return isinstance(federation, str) and who.sees(federation)
+
+
+def _export(audit: AuditLog, who: Principal, fmt: str) -> Iterator[bytes]:
+    fields = ("seq", "created_at", "event_type", "actor", "payload", "prev_hash", "hash")
+    if fmt == "csv":
+        yield (",".join(fields) + "\r\n").encode()
+    after = 0
+    while True:
+        batch = audit.events(after_seq=after, limit=1000)
+        if not batch:
+            return
+        after = batch[-1].seq
+        out = io.StringIO()
+        writer = csv.writer(out)
+        for entry in (e for e in batch if _visible(e, who)):
+            row = {f: getattr(entry, f) for f in fields}
+            if fmt == "csv":
+                writer.writerow(
+                    [
+                        json.dumps(row["payload"], sort_keys=True) if f == "payload" else row[f]
+                        for f in fields
+                    ]
+                )
+            else:
+                out.write(json.dumps(row, sort_keys=True) + "\n")
+        yield out.getvalue().encode()
+
+
+def _key(info: KeyInfo) -> KeyOut:
+    return KeyOut(**info.__dict__)
+
+
+def _budgets(db: Database) -> list[Budget]:
+    """Per federation and node: the latest epsilon it reported (training or evaluation),
+    its latest cap, rounds trained and refusals."""
+    out: dict[tuple[str, str], Budget] = {}
+    with db.session() as s:
+        rows = s.execute(
+            select(Run.federation, Participation)
+            .join(Run, Participation.run_id == Run.id)
+            .order_by(Participation.id)
+        ).all()
+        for federation, p in rows:
+            b = out.setdefault(
+                (federation, p.node),
+                Budget(
+                    federation=federation,
+                    node=p.node,
+                    epsilon_spent=None,
+                    delta=None,
+                    epsilon_cap=None,
+                    epsilon_remaining=None,
+                    rounds_trained=0,
+                    refusals=0,
+                ),
+            )
+            if p.status == "trained":
+                b.rounds_trained += 1
+                b.epsilon_spent = p.epsilon_spent
+                b.delta = p.delta
+            elif p.status == "refused":
+                b.refusals += 1
+                b.epsilon_spent = (
+                    p.epsilon_spent if p.epsilon_spent is not None else b.epsilon_spent
+                )
+            if p.epsilon_cap is not None:
+                b.epsilon_cap = p.epsilon_cap
+        reports = s.execute(
+            select(Run.federation, NodeReport)
+            .join(Run, NodeReport.run_id == Run.id)
+            .order_by(NodeReport.id)
+        ).all()
+        for federation, r in reports:
+            epsilon = json.loads(r.metrics_json).get("epsilon")
+            seen = out.get((federation, r.node))
+            if seen is not None and isinstance(epsilon, int | float) and math.isfinite(epsilon):
+                seen.epsilon_spent = max(seen.epsilon_spent or 0.0, float(epsilon))
+    for b in out.values():
+        if b.epsilon_cap is not None and b.epsilon_spent is not None:
+            b.epsilon_remaining = max(0.0, b.epsilon_cap - b.epsilon_spent)
+    return sorted(out.values(), key=lambda b: (b.federation, b.node))
+
+
+def _history(db: Database, federation: str, node: str) -> BudgetHistory | None:
+    with db.session() as s:
+        rows = (
+            s.execute(
+                select(Participation)
+                .join(Run, Participation.run_id == Run.id)
+                .where(Run.federation == federation, Participation.node == node)
+                .order_by(Participation.id)
+            )
+            .scalars()
+            .all()
+        )
+        reports = (
+            s.execute(
+                select(NodeReport)
+                .join(Run, NodeReport.run_id == Run.id)
+                .where(Run.federation == federation, NodeReport.node == node)
+                .order_by(NodeReport.id)
+            )
+            .scalars()
+            .all()
+        )
+        if not rows and not reports:
+            return None
+        return BudgetHistory(
+            federation=federation,
+            node=node,
+            rounds=[
+                BudgetRound(
+                    run=p.run_id,
+                    round=p.round,
+                    status=p.status,
+                    epsilon_spent=p.epsilon_spent,
+                    epsilon_cap=p.epsilon_cap,
+                    steps=p.steps,
+                    detail=p.detail or "",
+                )
+                for p in rows
+            ],
+            evaluations=[
+                {"run": r.run_id, "round": r.round, **json.loads(r.metrics_json)} for r in reports
+            ],
+        )
