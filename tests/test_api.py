@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import io
 import json
-import socket
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-import uvicorn
 from sqlalchemy import text
 
 from fedsynth.generative.training import train
@@ -32,14 +28,9 @@ from fedsynth.server.records import (
 )
 from fedsynth.server.registry import ModelRegistry
 from tests.factories import small_frame, small_spec
+from tests.http import serving
 
 PRIVACY = {"north": {"epsilon": 0.8, "delta": 1e-4}, "south": {"epsilon": 0.9, "delta": 1e-4}}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _records(db: Database) -> None:
@@ -113,20 +104,8 @@ def server(tmp_path_factory):
     keys = KeyStore(db)
     tokens = {role: keys.create(role)[1] for role in ("analyst", "compliance", "admin")}
     tokens["clinic-analyst"] = keys.create("analyst", ["clinic"])[1]
-    port = _free_port()
-    config = uvicorn.Config(
-        create_app(home, max_rows=3_000_000), host="127.0.0.1", port=port, log_level="warning"
-    )
-    uv = uvicorn.Server(config)
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not uv.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert uv.started
-    yield {"url": f"http://127.0.0.1:{port}", "tokens": tokens, "db": db, "home": home}
-    uv.should_exit = True
-    thread.join(timeout=10)
+    with serving(create_app(home, max_rows=3_000_000)) as url:
+        yield {"url": url, "tokens": tokens, "db": db, "home": home}
 
 
 def _client(server, role: str | None = None) -> httpx.Client:
