@@ -21,6 +21,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import torch
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, status
 from fastapi import Path as PathParam
 from fastapi.responses import StreamingResponse
@@ -213,6 +214,10 @@ class Services:
 
 
 def create_app(home: Path, *, max_rows: int = DEFAULT_MAX_ROWS) -> FastAPI:
+    # Concurrency comes from requests, one thread each: torch's intra-op threads on top
+    # spin against each other (bank model on a busy 2-core machine: 44k rows/s with 2
+    # threads, 328k with 1; python bench/api.py measures the server).
+    torch.set_num_threads(1)
     services = Services(home, max_rows)
     app = FastAPI(
         title="fedsynth",
