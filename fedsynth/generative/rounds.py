@@ -37,7 +37,7 @@ from fedsynth.generative.training import (
     library_versions,
     run_steps,
 )
-from fedsynth.generative.typed import _columns
+from fedsynth.generative.typed import _columns, _threads
 from fedsynth.generative.utility import synthetic_auc
 
 #: Scalars a node may release per evaluation round (the plan budgets for all of them).
@@ -298,6 +298,18 @@ def evaluation_scores(
     (computed from public values only, so free to release), and the accountant entries they
     cost. Without DP, the exact scores and no entries.
     """
+    with _threads(1):  # OpenMP/BLAS threads spin against each other on a busy node
+        return _evaluation_scores(model, frame, spec, plan, counts, seed)
+
+
+def _evaluation_scores(
+    model: SynthModel,
+    frame: pd.DataFrame,
+    spec: FederationSpec,
+    plan: NodePlan,
+    counts: list[float],
+    seed: int,
+) -> tuple[dict[str, float], list[tuple[float, float, int]]]:
     synthetic = model.sample(EVALUATION_ROWS, seed=seed)
     schema = spec.schema
     real = _columns(frame, schema, "node rows")
