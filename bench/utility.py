@@ -120,7 +120,7 @@ def ensure_baseline_venv() -> Path:
 def columns_json(spec: FederationSpec) -> dict:
     cols = []
     for c in spec.schema.modelled:
-        entry: dict = {"name": c.name, "type": c.type.value}
+        entry: dict = {"name": c.name, "type": c.type.value, "nullable": c.nullable}
         if c.type.value == "categorical":
             entry["categories"] = c.levels
         if c.is_numeric:

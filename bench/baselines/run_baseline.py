@@ -11,7 +11,11 @@ synth.csv + timing.json out.
         --out synth.csv --timing timing.json [--epochs K] [--delta D] [--bins B]
 
 columns.json: {"columns": [{"name", "type": integer|float|categorical|boolean|datetime,
-"categories": [...]?, "min": ..., "max": ...}]}; datetime values are ISO strings.
+"categories": [...]?, "min": ..., "max": ..., "nullable": bool}]}; datetime values are ISO
+strings. In train.csv and synth.csv an empty cell is a null. "nullable" is the spec's public
+declaration; a columns.json without the key (written before it existed) falls back to
+"the column has an empty cell in train.csv", which matches the declaration whenever each
+nullable column has at least one null.
 
 What each method gets
 * sdv-ctgan / sdv-tvae: non-private, --epsilon must be inf. SDV Metadata with
@@ -32,6 +36,8 @@ What each method gets
   Otherwise 10% of epsilon is given to smartnoise's preprocessor to estimate the
   missing bounds (smartnoise subtracts it from the training budget) and
   categories are read from the data, as smartnoise does by default.
+  Booleans are given to smartnoise as the categories "false"/"true" (the CSV
+  spellings 1/0, yes/no, t/f are mapped first), so they too are public.
   Note: smartnoise's Discriminator calls torch.manual_seed(0) itself, so the
   torch part of training is identical across --seed values.
 * smartnoise-aim: (epsilon, delta)-DP via zCDP. AIM only handles discrete data,
@@ -41,9 +47,22 @@ What each method gets
   value. Samples come back as bin midpoints and are then spread uniformly
   within their bin (pure post-processing), integers floored into range.
   smartnoise's noise comes from OpenDP's RNG, so AIM is not seed-reproducible.
+* Nulls (both smartnoise methods). A nullable column gets smartnoise's own
+  nullable transformer, prefitted on the public declaration plus None, so
+  nulls cost no budget either: categorical/boolean -> LabelTransformer(
+  nullable=True), i.e. one extra "null" category (one-hot slot for DP-CTGAN,
+  one more AIM value); numeric/datetime -> BinTransformer(nullable=True) for
+  AIM (a bin column plus a 0/1 null-flag column, both discrete) and
+  MinMaxTransformer(nullable=True) for DP-CTGAN (the scaled value, 0 when
+  null, plus a null flag). One gap in smartnoise is patched: its MinMax
+  inverse only reads a flag of exactly 1 as null, but DP-CTGAN's generator
+  emits the (continuous) flag through tanh, in (-1, 1), so it would never
+  produce a null (on loans, 0 of 8000 sampled flags were exactly 1); the flag
+  is read as null when > 0.5 (post-processing, no budget).
 delta defaults to 1/(n*sqrt(n)) (smartnoise DP-CTGAN's own default) for both DP
 methods. All outputs are clipped to declared min/max and written with the
-training columns in the same order.
+training columns in the same order; nulls from any method are written as empty
+cells (nullable integers as pandas Int64).
 
 Threads: OMP/MKL/OpenBLAS default to 1 thread here (override via env). The
 networks are tiny, and on a busy 2-core box torch's 2 OpenMP threads spin
@@ -70,11 +89,14 @@ import pandas as pd
 # DP-CTGAN's is a cap: at epsilon<=1.5 the budget stops it first (9 epochs at eps 1).
 DEFAULT_EPOCHS = {"sdv-ctgan": 150, "sdv-tvae": 300, "smartnoise-dpctgan": 30}
 NUMERIC = ("integer", "float", "datetime")
+DISCRETE = ("categorical", "boolean")
+# Boolean spellings accepted by fedsynth.generative.table (case-insensitive).
+TRUE, FALSE = ("true", "t", "yes", "1"), ("false", "f", "no", "0")
 
 
 def load(train, columns):
     """Read the CSV with declared types (categorical/boolean kept as str, datetimes parsed)."""
-    cat = [c["name"] for c in columns if c["type"] in ("categorical", "boolean")]
+    cat = [c["name"] for c in columns if c["type"] in DISCRETE]
     df = pd.read_csv(train, dtype={c: str for c in cat}, keep_default_na=False)
     df = df[[c["name"] for c in columns]]
     for c in columns:
@@ -94,32 +116,58 @@ def bounds(c):
     return float(c["min"]), float(c["max"])
 
 
-def to_epoch(df, columns):
-    """Numeric view for smartnoise: datetimes as epoch seconds, clipped to bounds."""
+def epoch(s):
+    """Datetimes to epoch seconds (NaT -> NaN)."""
+    return s.map(lambda t: np.nan if pd.isna(t) else t.timestamp()).astype(float)
+
+
+def nullable(df, columns):
+    """{name: nullable} from columns.json; without the key, whether train.csv has a null."""
+    out = {}
+    for c in columns:
+        s = df[c["name"]]
+        found = (s == "").any() if c["type"] in DISCRETE else s.isna().any()
+        out[c["name"]] = bool(c["nullable"] if "nullable" in c else found)
+    return out
+
+
+def sn_view(df, columns):
+    """smartnoise's view of the data: datetimes as epoch seconds, numbers clipped to
+    bounds, booleans as "false"/"true", nulls as NaN (numeric) or None (discrete)."""
     df = df.copy()
     for c in columns:
-        if c["type"] == "datetime":
-            df[c["name"]] = df[c["name"]].map(pd.Timestamp.timestamp)
-        if c["type"] in NUMERIC and bounds(c):
-            df[c["name"]] = df[c["name"]].clip(*bounds(c))
+        s = df[c["name"]]
+        if c["type"] in DISCRETE:
+            if c["type"] == "boolean":
+                low = s.str.strip().str.lower()
+                s = s.mask(low.isin(TRUE), "true").mask(low.isin(FALSE), "false")
+            s = s.astype(object)
+            s[s == ""] = None
+        else:
+            if c["type"] == "datetime":
+                s = epoch(s)
+            if bounds(c):
+                s = s.clip(*bounds(c))  # NaN stays NaN
+        df[c["name"]] = s
     return df
 
 
 def finish(df, columns, date_only):
-    """Clip/round numeric columns to the declared schema; datetimes back to ISO."""
+    """Clip/round numeric columns to the declared schema; datetimes back to ISO; nulls
+    (None/NaN/NaT) become empty cells (Int64/NaN/NaT, or "" for discrete columns)."""
     out = pd.DataFrame(index=range(len(df)))
     for c in columns:
         s, b = df[c["name"]].reset_index(drop=True), bounds(c)
-        if c["type"] in ("categorical", "boolean"):
-            out[c["name"]] = s.astype(str)
+        if c["type"] in DISCRETE:
+            out[c["name"]] = s.map(lambda v: "" if pd.isna(v) else str(v))
             continue
         if c["type"] == "datetime" and not pd.api.types.is_numeric_dtype(s):
-            s = pd.to_datetime(s).map(pd.Timestamp.timestamp)
+            s = epoch(pd.to_datetime(s))
         s = pd.to_numeric(s).astype(float)
         if b:
             s = s.clip(*b)
         if c["type"] == "integer":
-            out[c["name"]] = s.round().astype("int64")
+            out[c["name"]] = s.round().astype("Int64")
         elif c["type"] == "datetime":
             t = pd.to_datetime(s, unit="s").dt.round("s")
             out[c["name"]] = t.dt.strftime(
@@ -153,14 +201,21 @@ def run_sdv(method, df, columns, n, epochs):
     synth = model.sample(num_rows=n)
     synth = synth["train"] if v2 else synth
     sample_s = time.perf_counter() - t1
-    return synth, t1 - t0, sample_s, {"epochs": epochs}, lambda k: model.sample(num_rows=k)
+    return (
+        synth,
+        t1 - t0,
+        sample_s,
+        {"epochs": epochs},
+        lambda k: model.sample(num_rows=k),
+    )
 
 
-def sn_transformer(columns, style, bins):
+def sn_transformer(columns, nulls, style, bins):
     """smartnoise TableTransformer built from the declared schema.
 
-    Returns (transformer, prefitted). prefitted=True means it was fitted on a
-    frame made only of the public declarations, so no budget is spent on it.
+    nulls: {name: nullable}. Returns (transformer, prefitted). prefitted=True means it
+    was fitted on a frame made only of the public declarations (plus None for nullable
+    columns), so no budget is spent on it.
     """
     from snsynth.transform import (
         BinTransformer,
@@ -171,21 +226,34 @@ def sn_transformer(columns, style, bins):
         TableTransformer,
     )
 
+    class FlagMinMax(MinMaxTransformer):
+        """MinMaxTransformer(nullable=True) that reads a null flag > 0.5 as null
+        (smartnoise's needs exactly 1, which DP-CTGAN's tanh output never gives)."""
+
+        def _inverse_transform(self, val):
+            v, flag = val
+            return None if flag > 0.5 else super()._inverse_transform((v, 0))
+
     ts, public, ok = [], {}, True
     for c in columns:
-        b = bounds(c)
-        if c["type"] in ("categorical", "boolean"):
-            lab = LabelTransformer(nullable=False)
+        b, nl = bounds(c), nulls[c["name"]]
+        if c["type"] in DISCRETE:
+            lab = LabelTransformer(nullable=nl)
             ts.append(ChainTransformer([lab, OneHotEncoder()]) if style == "gan" else lab)
-            vals = [str(v) for v in c.get("categories") or []]
+            if c["type"] == "boolean":
+                vals = ["false", "true"]
+            else:
+                vals = [str(v) for v in c.get("categories") or []]
             ok &= bool(vals)
         else:
             lo, hi = b if b else (None, None)
             if style == "gan":
-                ts.append(MinMaxTransformer(lower=lo, upper=hi, nullable=False))
+                ts.append(
+                    (FlagMinMax if nl else MinMaxTransformer)(lower=lo, upper=hi, nullable=nl)
+                )
             elif b and c["type"] == "integer" and hi - lo + 1 <= bins:
                 ts.append(
-                    BinTransformer(bins=int(hi - lo + 1), lower=lo, upper=hi + 1, nullable=False)
+                    BinTransformer(bins=int(hi - lo + 1), lower=lo, upper=hi + 1, nullable=nl)
                 )
             else:
                 ts.append(
@@ -193,12 +261,12 @@ def sn_transformer(columns, style, bins):
                         bins=bins,
                         lower=lo,
                         upper=(hi + 1 if c["type"] == "integer" and b else hi),
-                        nullable=False,
+                        nullable=nl,
                     )
                 )
             vals = list(b) if b else []
             ok &= b is not None
-        public[c["name"]] = vals
+        public[c["name"]] = vals + [None] if nl else vals
     tt = TableTransformer(ts)
     if ok:
         m = max(len(v) for v in public.values())
@@ -231,9 +299,10 @@ def run_smartnoise(method, df, columns, n, epochs, epsilon, delta, bins, seed):
     from snsynth.aim import AIMSynthesizer
     from snsynth.pytorch.nn.dpctgan import DPCTGAN
 
-    data = to_epoch(df, columns)
+    data = sn_view(df, columns)
+    nulls = nullable(df, columns)
     style = "gan" if method == "smartnoise-dpctgan" else "cube"
-    tt, prefit = sn_transformer(columns, style, bins)
+    tt, prefit = sn_transformer(columns, nulls, style, bins)
     pre_eps = 0.0 if (prefit or not tt.needs_epsilon) else 0.1 * epsilon
     if method == "smartnoise-dpctgan":
         model = DPCTGAN(epsilon=epsilon, delta=delta, epochs=epochs, verbose=False, cuda=False)
@@ -250,7 +319,7 @@ def run_smartnoise(method, df, columns, n, epochs, epsilon, delta, bins, seed):
     model.fit(data, transformer=tt, preprocessor_eps=pre_eps)
     t1 = time.perf_counter()
     synth = model.sample(n)
-    if method == "smartnoise-aim":  # spread bin midpoints uniformly within their bin
+    if method == "smartnoise-aim":  # spread bin midpoints uniformly within their bin (NaN: null)
         rng = np.random.default_rng(seed)
         for c, t in zip(columns, tt.transformers, strict=True):
             if c["type"] in NUMERIC:
@@ -258,7 +327,12 @@ def run_smartnoise(method, df, columns, n, epochs, epsilon, delta, bins, seed):
                 v = synth[c["name"]].astype(float) + rng.uniform(-w / 2, w / 2, len(synth))
                 synth[c["name"]] = np.floor(v) if c["type"] == "integer" else v
     sample_s = time.perf_counter() - t1
-    info = {"preprocessor_eps": pre_eps, "schema_prefit_public": prefit, "delta": delta}
+    info = {
+        "preprocessor_eps": pre_eps,
+        "schema_prefit_public": prefit,
+        "delta": delta,
+        "nullable_columns": [k for k, v in nulls.items() if v],
+    }
     if method == "smartnoise-dpctgan":
         info.update(
             epochs_cap=cap,
@@ -326,7 +400,9 @@ def main():
         columns = json.load(f)["columns"]
     df = load(a.train, columns)
     date_only = {
-        c["name"]: bool((df[c["name"]] == df[c["name"]].dt.normalize()).all())
+        c["name"]: bool(
+            (df[c["name"]] == df[c["name"]].dt.normalize())[df[c["name"]].notna()].all()
+        )
         for c in columns
         if c["type"] == "datetime"
     }
