@@ -520,6 +520,26 @@ def node_outbox(
     Console().print(table)
 
 
+# ------------------------------------------------------------------------------ deployment
+def _mount_deployment() -> None:
+    """``fedsynth certs create``, ``server start|connect``, ``node keys|join``: the
+    deployment engine's commands (fedsynth/deploy/cli.py, docs/deployment.md)."""
+    from fedsynth.deploy import cli as deploy
+
+    certs_app = typer.Typer(help="The federation's TLS certificates.", no_args_is_help=True)
+    certs_app.command("create")(deploy.certs_create)
+    app.add_typer(certs_app, name="certs")
+    server_app = typer.Typer(help="The coordinator's SuperLink.", no_args_is_help=True)
+    server_app.command("start")(deploy.server_start)
+    server_app.command("connect")(deploy.server_connect)
+    app.add_typer(server_app, name="server")
+    node_app.command("keys")(deploy.node_keys)
+    node_app.command("join")(deploy.node_join)
+
+
+_mount_deployment()
+
+
 def main() -> None:  # pragma: no cover - console script entry
     app()
 
