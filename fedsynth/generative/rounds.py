@@ -299,38 +299,29 @@ def evaluation_scores(
     cost. Without DP, the exact scores and no entries.
     """
     with _threads(1):  # OpenMP/BLAS threads spin against each other on a busy node
-        return _evaluation_scores(model, frame, spec, plan, counts, seed)
-
-
-def _evaluation_scores(
-    model: SynthModel,
-    frame: pd.DataFrame,
-    spec: FederationSpec,
-    plan: NodePlan,
-    counts: list[float],
-    seed: int,
-) -> tuple[dict[str, float], list[tuple[float, float, int]]]:
-    synthetic = model.sample(EVALUATION_ROWS, seed=seed)
-    schema = spec.schema
-    real = _columns(frame, schema, "node rows")
-    exact: dict[str, tuple[float, float]] = {}  # score -> (value, sensitivity)
-    n_public = public_lower_bound(counts, plan)
-    shapes, _ = column_shapes(real, synthetic, schema)
-    exact["column_shapes"] = (shapes, 1.0 / n_public)
-    auc = synthetic_auc(synthetic, real, schema, seed=seed)
-    if auc is not None and len(counts) == 2:
-        smaller = min(counts) - COUNT_MARGIN * plan.marginal_sigma
-        exact["tstr_auc"] = (auc, 1.0 / max(1.0, smaller))
-    real_emb, synth_emb = _gower_embedding([real, _columns(synthetic, schema, "synthetic")], schema)
-    if real_emb.shape[1]:
-        distances = _nearest(synth_emb, real_emb) / len(schema.modelled)
-        exact["dcr_mean"] = (float(np.clip(distances, 0.0, 1.0).mean()), 1.0 / n_public)
-    if plan.evaluation_sigma <= 0:
-        return {k: v for k, (v, _) in exact.items()}, []
-    rng = np.random.default_rng(seed)
-    noisy: dict[str, float] = {}
-    for name, (value, sens) in exact.items():
-        sd = plan.evaluation_sigma * sens
-        noisy[name] = float(np.clip(value + rng.normal() * sd, 0.0, 1.0))
-        noisy[f"{name}_sd"] = float(sd)
-    return noisy, plan.evaluation_history(len(exact))
+        synthetic = model.sample(EVALUATION_ROWS, seed=seed)
+        schema = spec.schema
+        real = _columns(frame, schema, "node rows")
+        exact: dict[str, tuple[float, float]] = {}  # score -> (value, sensitivity)
+        n_public = public_lower_bound(counts, plan)
+        shapes, _ = column_shapes(real, synthetic, schema)
+        exact["column_shapes"] = (shapes, 1.0 / n_public)
+        auc = synthetic_auc(synthetic, real, schema, seed=seed)
+        if auc is not None and len(counts) == 2:
+            smaller = min(counts) - COUNT_MARGIN * plan.marginal_sigma
+            exact["tstr_auc"] = (auc, 1.0 / max(1.0, smaller))
+        real_emb, synth_emb = _gower_embedding(
+            [real, _columns(synthetic, schema, "synthetic")], schema
+        )
+        if real_emb.shape[1]:
+            distances = _nearest(synth_emb, real_emb) / len(schema.modelled)
+            exact["dcr_mean"] = (float(np.clip(distances, 0.0, 1.0).mean()), 1.0 / n_public)
+        if plan.evaluation_sigma <= 0:
+            return {k: v for k, (v, _) in exact.items()}, []
+        rng = np.random.default_rng(seed)
+        noisy: dict[str, float] = {}
+        for name, (value, sens) in exact.items():
+            sd = plan.evaluation_sigma * sens
+            noisy[name] = float(np.clip(value + rng.normal() * sd, 0.0, 1.0))
+            noisy[f"{name}_sd"] = float(sd)
+        return noisy, plan.evaluation_history(len(exact))
