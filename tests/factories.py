@@ -1,13 +1,16 @@
-"""Test data factories: a small spec with every column type, and a frame for it."""
+"""Test data factories: a small spec with every column type, a frame for it, and the
+records of a finished run."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from fedsynth.generative.spec import FederationSpec, parse_spec
+from fedsynth.server.records import Database, Federation, NodeReport, Participation, Run, utcnow
 
 REPO = Path(__file__).resolve().parents[1]
 FEDERATIONS = REPO / "federations"
@@ -83,3 +86,53 @@ def small_frame(n: int = 600, seed: int = 0) -> pd.DataFrame:
             ),
         }
     )
+
+
+def clinic_records(db: Database) -> None:
+    """A finished two-round run of the clinic federation, as the server records it."""
+    with db.session() as s:
+        s.add(Federation(name="clinic", sector="hospital", spec_json="{}", created_at=utcnow()))
+        run = Run(
+            federation="clinic",
+            started_at=utcnow(),
+            status="completed",
+            secure_aggregation=True,
+            rounds_planned=2,
+            min_nodes=3,
+            config_json="{}",
+        )
+        s.add(run)
+        s.flush()
+        for r, eps in ((1, 0.5), (2, 0.8)):
+            s.add(
+                Participation(
+                    run_id=run.id,
+                    round=r,
+                    node="north",
+                    status="trained",
+                    epsilon_spent=eps,
+                    epsilon_cap=1.0,
+                    delta=1e-4,
+                    steps=10,
+                    detail="",
+                )
+            )
+            s.add(
+                Participation(
+                    run_id=run.id,
+                    round=r,
+                    node="west",
+                    status="refused",
+                    epsilon_spent=0.95,
+                    epsilon_cap=1.0,
+                    detail="would reach 1.2",
+                )
+            )
+        s.add(
+            NodeReport(
+                run_id=run.id,
+                round=2,
+                node="north",
+                metrics_json=json.dumps({"column_shapes": 0.8, "epsilon": 0.82}),
+            )
+        )

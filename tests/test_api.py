@@ -17,77 +17,19 @@ from fedsynth.privacy.keys import KeyStore as SigningKeys
 from fedsynth.server.api.app import create_app
 from fedsynth.server.api.keys import KeyStore
 from fedsynth.server.audit import AuditLog
-from fedsynth.server.records import (
-    Database,
-    Federation,
-    NodeReport,
-    Participation,
-    Run,
-    database_url,
-    utcnow,
-)
+from fedsynth.server.records import Database, database_url
 from fedsynth.server.registry import ModelRegistry
-from tests.factories import small_frame, small_spec
+from tests.factories import clinic_records, small_frame, small_spec
 from tests.http import serving
 
 PRIVACY = {"north": {"epsilon": 0.8, "delta": 1e-4}, "south": {"epsilon": 0.9, "delta": 1e-4}}
-
-
-def _records(db: Database) -> None:
-    """A finished two-round run of the clinic federation, as the server records it."""
-    with db.session() as s:
-        s.add(Federation(name="clinic", sector="hospital", spec_json="{}", created_at=utcnow()))
-        run = Run(
-            federation="clinic",
-            started_at=utcnow(),
-            status="completed",
-            secure_aggregation=True,
-            rounds_planned=2,
-            min_nodes=3,
-            config_json="{}",
-        )
-        s.add(run)
-        s.flush()
-        for r, eps in ((1, 0.5), (2, 0.8)):
-            s.add(
-                Participation(
-                    run_id=run.id,
-                    round=r,
-                    node="north",
-                    status="trained",
-                    epsilon_spent=eps,
-                    epsilon_cap=1.0,
-                    delta=1e-4,
-                    steps=10,
-                    detail="",
-                )
-            )
-            s.add(
-                Participation(
-                    run_id=run.id,
-                    round=r,
-                    node="west",
-                    status="refused",
-                    epsilon_spent=0.95,
-                    epsilon_cap=1.0,
-                    detail="would reach 1.2",
-                )
-            )
-        s.add(
-            NodeReport(
-                run_id=run.id,
-                round=2,
-                node="north",
-                metrics_json=json.dumps({"column_shapes": 0.8, "epsilon": 0.82}),
-            )
-        )
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     home = tmp_path_factory.mktemp("home")
     db = Database(database_url(home))
-    _records(db)
+    clinic_records(db)
     registry = ModelRegistry(home / "registry", SigningKeys(home / "keys"), db)
     model = train(small_frame(300), small_spec("gan", steps=5))
     for federation, sector in (("clinic", "hospital"), ("bank", "bank")):

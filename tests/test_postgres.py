@@ -14,14 +14,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, select, text
 
 from fedsynth.generative.training import train
 from fedsynth.server.api.app import create_app
 from fedsynth.server.api.keys import KeyStore
 from fedsynth.server.audit import AuditLog
-from fedsynth.server.records import Database, Federation, Run, utcnow
-from tests.factories import small_frame, small_spec
+from fedsynth.server.records import Database, Run
+from tests.factories import clinic_records, small_frame, small_spec
 from tests.http import serving
 
 URL = os.environ.get("FEDSYNTH_TEST_POSTGRES_URL")
@@ -52,23 +52,10 @@ def db(pg_url):
 
 
 def test_records_round_trip_with_timezones(db):
+    clinic_records(db)
     with db.session() as s:
-        s.merge(Federation(name="bank", sector="bank", spec_json="{}", created_at=utcnow()))
-        run = Run(
-            federation="bank",
-            started_at=utcnow(),
-            status="running",
-            secure_aggregation=True,
-            rounds_planned=2,
-            min_nodes=3,
-            config_json="{}",
-        )
-        s.add(run)
-        s.flush()
-        run_id = run.id
-    with db.session() as s:
-        loaded = s.get(Run, run_id)
-        assert loaded is not None and loaded.started_at.tzinfo is not None
+        loaded = s.scalars(select(Run)).one()
+        assert loaded.started_at.tzinfo is not None
         assert db.engine.dialect.name == "postgresql"
 
 
