@@ -306,7 +306,6 @@ class FederationServer:
             for node_id in grid.get_node_ids()
         ]
         accepted: dict[int, str] = {}
-        name = self.spec.federation.name
         for reply in grid.send_and_receive(messages, timeout=self.settings.wait_nodes_s):
             node_id = reply.metadata.src_node_id
             if reply.has_error():
@@ -322,40 +321,58 @@ class FederationServer:
                 self._caps[institution] = float(answer[protocol.CAP])
             elif status == protocol.REFUSE:
                 self._refused.setdefault(server_round, []).append(institution)
-                self._participation(
+                spent, after, cap = (
+                    float(answer[key]) for key in (protocol.SPENT, protocol.AFTER, protocol.CAP)
+                )
+                self._turned_away(
                     server_round,
                     institution,
                     "refused",
-                    epsilon=float(answer[protocol.SPENT]),
-                    cap=float(answer[protocol.CAP]),
-                    detail=f"would reach epsilon {float(answer[protocol.AFTER]):.4f}",
-                )
-                self.audit.append(
                     "node_refused_budget",
-                    institution,
-                    {
-                        "federation": name,
-                        "run": self.run_id,
-                        "round": server_round,
-                        "spent": float(answer[protocol.SPENT]),
-                        "would_reach": float(answer[protocol.AFTER]),
-                        "cap": float(answer[protocol.CAP]),
-                    },
+                    {"spent": spent, "would_reach": after, "cap": cap},
+                    detail=f"would reach epsilon {after:.4f}",
+                    epsilon=spent,
+                    cap=cap,
                 )
             else:
                 detail = str(answer.get(protocol.DETAIL, "no detail"))
-                self._participation(server_round, institution, "failed", detail=detail)
-                self.audit.append(
-                    "node_invalid",
+                self._turned_away(
+                    server_round,
                     institution,
-                    {
-                        "federation": name,
-                        "run": self.run_id,
-                        "round": server_round,
-                        "detail": detail[:2000],
-                    },
+                    "failed",
+                    "node_invalid",
+                    {"detail": detail[:2000]},
+                    detail=detail,
                 )
         return accepted
+
+    def _turned_away(
+        self,
+        server_round: int,
+        institution: str,
+        status: str,
+        event: str,
+        payload: dict[str, Any],
+        *,
+        detail: str,
+        epsilon: float | None = None,
+        cap: float | None = None,
+    ) -> None:
+        """A node that answered the budget query but will not train: its participation row
+        and its audit event (``payload`` after the federation, run and round)."""
+        self._participation(
+            server_round, institution, status, epsilon=epsilon, cap=cap, detail=detail
+        )
+        self.audit.append(
+            event,
+            institution,
+            {
+                "federation": self.spec.federation.name,
+                "run": self.run_id,
+                "round": server_round,
+                **payload,
+            },
+        )
 
     def _participation(
         self,
