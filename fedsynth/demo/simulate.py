@@ -18,18 +18,9 @@ from typing import Any
 from sqlalchemy import select
 
 from fedsynth.clients.app import make_client_app
+from fedsynth.flower_env import SIMULATION_ENV
 from fedsynth.server.app import RoundEvent, make_server_app
 from fedsynth.server.records import Database, ModelVersionRecord, Run, database_url
-
-#: Flower would otherwise install the app's dependencies at run time (a CUDA torch here),
-#: send telemetry and check for updates.
-FLOWER_ENV = {
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "RAY_DEDUP_LOGS": "0",
-    "RAY_USAGE_STATS_ENABLED": "0",
-}
 
 
 @dataclass(frozen=True)
@@ -54,7 +45,7 @@ def simulate(
 ) -> Outcome:
     """Train ``spec``'s federation over ``num_nodes`` virtual nodes; returns the run's
     outcome from the records (the ServerApp's exception propagates on failure)."""
-    os.environ.update(FLOWER_ENV)
+    os.environ.update(SIMULATION_ENV)
     from flwr.simulation import run_simulation  # after the environment is set
 
     cpus = cpus or os.cpu_count() or 1

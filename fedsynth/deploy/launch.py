@@ -39,19 +39,12 @@ from typing import Any
 import tomli_w
 
 from fedsynth.deploy.certificates import ServerCertificates
+from fedsynth.flower_env import FLOWER_ENV
 
 SUPERLINK_PORT = 9092  # not Flower's 8000: that is the fedsynth API's default port
 SUPERNODE_RUNTIME_PORT = 9094  # Flower's default; one per SuperNode on a machine
 FLOWER_CONFIG_FILE = "config.toml"
 
-#: Set for every Flower process fedsynth starts (an operator's own value wins): runtime
-#: dependency installation would ``uv sync`` the app's dependencies (a CUDA torch) at each
-#: run; telemetry and update checks phone home.
-FLOWER_ENV = {
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-}
 #: A SuperNode's executor looks for a new message to run every this many seconds (Flower's
 #: default: 1). A message waits half the interval on average, so 0.2 s saves about 0.4 s
 #: per message (six per round); an idle node (SuperNode and executor) then costs 3.3 % of
@@ -72,7 +65,8 @@ def flower_environment(
     *,
     task_poll_s: float | None = None,
 ) -> dict[str, str]:
-    """``base`` (default: this process's environment) with :data:`FLOWER_ENV`, the
+    """``base`` (default: this process's environment) with
+    :data:`fedsynth.flower_env.FLOWER_ENV` (an operator's own value wins), the
     executor's task polling interval if given, this interpreter's bin folder first on
     ``PATH`` (SuperNode and SuperLink start ``flower-superexec`` and ``flwr-clientapp`` by
     name) and ``FLWR_HOME`` if given (where Flower installs app bundles and keeps
