@@ -27,22 +27,15 @@ from fastapi import Path as PathParam
 from fastapi.responses import StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import select
 
 import fedsynth
 from fedsynth.generative.export import iter_encoded
 from fedsynth.generative.model import SynthModel
 from fedsynth.privacy.keys import KeyStore as SigningKeys
+from fedsynth.server.api.budgets import BudgetHistory, BudgetList, budgets, history
 from fedsynth.server.api.keys import ApiKeyError, KeyInfo, KeyStore, Principal
 from fedsynth.server.audit import AuditEntry, AuditLog
-from fedsynth.server.records import (
-    ROLES,
-    Database,
-    NodeReport,
-    Participation,
-    Run,
-    database_url,
-)
+from fedsynth.server.records import ROLES, Database, database_url
 from fedsynth.server.registry import ModelRegistry, ModelVersion, RegistryError
 
 DEFAULT_MAX_ROWS = 10_000_000
@@ -108,38 +101,6 @@ class SampleRequest(BaseModel):
         default=None, description="Equality conditions on categorical or boolean columns"
     )
     format: Literal["csv", "ndjson", "parquet"] = "csv"
-
-
-class Budget(_Out):
-    federation: str
-    node: str
-    epsilon_spent: float | None
-    delta: float | None
-    epsilon_cap: float | None
-    epsilon_remaining: float | None
-    rounds_trained: int
-    refusals: int
-
-
-class BudgetList(_Out):
-    budgets: list[Budget]
-
-
-class BudgetRound(_Out):
-    run: int
-    round: int
-    status: str
-    epsilon_spent: float | None
-    epsilon_cap: float | None
-    steps: int | None
-    detail: str
-
-
-class BudgetHistory(_Out):
-    federation: str
-    node: str
-    rounds: list[BudgetRound]
-    evaluations: list[dict[str, Any]]
 
 
 class AuditOut(_Out):
@@ -212,6 +173,109 @@ class Services:
                     raise
             return self._models[model_id]
 
+    def visible_version(self, model_id: str, who: Principal) -> ModelVersion:
+        """The version ``model_id`` if ``who`` may see it; 404 otherwise, also for a model
+        outside the key's scope, so that the answer does not confirm that it exists."""
+        try:
+            version = self.registry.get(model_id)
+        except RegistryError:
+            version = None
+        if version is None or not who.sees(version.federation):
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no model {model_id!r}")
+        return version
+
+    def samples(self, model_id: str, body: SampleRequest, who: Principal) -> StreamingResponse:
+        """Stream ``body.n`` synthetic rows; one audit event when the stream ends.
+
+        Raises 404 for a model ``who`` cannot see, and 422 naming the field for a too large
+        ``n`` or a condition the schema does not allow.
+        """
+        version = self.visible_version(model_id, who)
+        if body.n > self.max_rows:
+            raise HTTPException(
+                status.HTTP_422_UNPROCESSABLE_CONTENT,
+                [{"loc": ["body", "n"], "msg": f"at most {self.max_rows} rows per request"}],
+            )
+        model = self.model(model_id)
+        conditions = dict(body.conditions or {})
+        for column, value in conditions.items():
+            try:
+                model.codec.condition_level(column, value)
+            except (KeyError, ValueError) as exc:
+                raise HTTPException(
+                    status.HTTP_422_UNPROCESSABLE_CONTENT,
+                    [{"loc": ["body", "conditions", column], "msg": str(exc).strip("'\"")}],
+                ) from None
+        provenance = _provenance(version)
+        chunks = model.iter_samples(
+            body.n, seed=body.seed, conditions=conditions, chunk_size=SYNTHETIC_ROWS
+        )
+        stream = iter_encoded(chunks, model.schema, body.format, provenance)
+        record = {
+            "model": model_id,
+            "role": who.role,
+            "n": body.n,
+            "seed": body.seed,
+            "conditions": {k: str(v) for k, v in conditions.items()},
+            "format": body.format,
+        }
+        headers = {
+            "Content-Disposition": f'attachment; filename="{model_id}-synthetic.{body.format}"',
+            **{f"X-Fedsynth-{k.replace('_', '-').title()}": v for k, v in provenance.items()},
+        }
+        return StreamingResponse(
+            _audited(stream, self.audit, f"key:{who.key_id}", record),
+            media_type=MEDIA_TYPES[body.format],
+            headers=headers,
+        )
+
+    def audit_page(
+        self,
+        who: Principal,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        event_type: str | None = None,
+        actor: str | None = None,
+        cursor: int = 0,
+        limit: int = 100,
+    ) -> AuditPage:
+        """Up to ``limit`` entries after ``cursor`` that ``who`` may see, with the cursor of
+        the next page (None on the last)."""
+        entries: list[AuditEntry] = []
+        after = cursor
+        while len(entries) < limit:  # a scoped key skips other federations' events
+            batch = self.audit.events(
+                since=since,
+                until=until,
+                event_type=event_type,
+                actor=actor,
+                after_seq=after,
+                limit=limit,
+            )
+            if not batch:
+                break
+            after = batch[-1].seq
+            entries += [e for e in batch if _visible(e, who)]
+        entries = entries[:limit]
+        more = bool(entries) and len(entries) == limit
+        return AuditPage(
+            entries=[AuditOut(**e.__dict__) for e in entries],
+            next_cursor=entries[-1].seq if more else None,
+        )
+
+    def audit_export(self, who: Principal, format: str) -> StreamingResponse:
+        """The whole trail ``who`` may see, streamed as CSV or NDJSON; the export is itself
+        an audit event."""
+        if format not in ("csv", "ndjson"):
+            raise ValueError(f"audit export format must be csv or ndjson, got {format!r}")
+        self.audit.append("audit_exported", f"key:{who.key_id}", {"format": format})
+        return StreamingResponse(
+            _export(self.audit, who, format),
+            media_type=MEDIA_TYPES[format],
+            headers={"Content-Disposition": f'attachment; filename="fedsynth-audit.{format}"'},
+        )
+
 
 def create_app(home: Path, *, max_rows: int = DEFAULT_MAX_ROWS) -> FastAPI:
     # Concurrency comes from requests, one thread each: torch's intra-op threads on top
@@ -272,15 +336,6 @@ def create_app(home: Path, *, max_rows: int = DEFAULT_MAX_ROWS) -> FastAPI:
     officers = Depends(require(COMPLIANCE, ADMIN))
     admins = Depends(require(ADMIN))
 
-    def visible_version(model_id: str, who: Principal) -> ModelVersion:
-        try:
-            version = services.registry.get(model_id)
-        except RegistryError:
-            version = None
-        if version is None or not who.sees(version.federation):
-            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no model {model_id!r}")
-        return version
-
     @app.get("/health", tags=["service"])
     def health() -> Health:
         return Health(version=fedsynth.__version__)
@@ -292,7 +347,7 @@ def create_app(home: Path, *, max_rows: int = DEFAULT_MAX_ROWS) -> FastAPI:
 
     @app.get("/v1/models/{model_id}", tags=["models"])
     def get_model(model_id: str, who: Principal = readers) -> ModelDetail:
-        version = visible_version(model_id, who)
+        version = services.visible_version(model_id, who)
         manifest = services.registry.manifest(model_id)
         model = services.model(model_id)
         privacy = model.metadata.get("privacy", {})
@@ -318,55 +373,18 @@ def create_app(home: Path, *, max_rows: int = DEFAULT_MAX_ROWS) -> FastAPI:
         },
     )
     def sample(model_id: str, body: SampleRequest, who: Principal = analysts) -> StreamingResponse:
-        version = visible_version(model_id, who)
-        if body.n > services.max_rows:
-            raise HTTPException(
-                status.HTTP_422_UNPROCESSABLE_CONTENT,
-                [{"loc": ["body", "n"], "msg": f"at most {services.max_rows} rows per request"}],
-            )
-        model = services.model(model_id)
-        conditions = dict(body.conditions or {})
-        for column, value in conditions.items():
-            try:
-                model.codec.condition_level(column, value)
-            except (KeyError, ValueError) as exc:
-                raise HTTPException(
-                    status.HTTP_422_UNPROCESSABLE_CONTENT,
-                    [{"loc": ["body", "conditions", column], "msg": str(exc).strip("'\"")}],
-                ) from None
-        provenance = _provenance(version)
-        chunks = model.iter_samples(
-            body.n, seed=body.seed, conditions=conditions, chunk_size=SYNTHETIC_ROWS
-        )
-        stream = iter_encoded(chunks, model.schema, body.format, provenance)
-        record = {
-            "model": model_id,
-            "role": who.role,
-            "n": body.n,
-            "seed": body.seed,
-            "conditions": {k: str(v) for k, v in conditions.items()},
-            "format": body.format,
-        }
-        headers = {
-            "Content-Disposition": f'attachment; filename="{model_id}-synthetic.{body.format}"',
-            **{f"X-Fedsynth-{k.replace('_', '-').title()}": v for k, v in provenance.items()},
-        }
-        return StreamingResponse(
-            _audited(stream, services.audit, f"key:{who.key_id}", record),
-            media_type=MEDIA_TYPES[body.format],
-            headers=headers,
-        )
+        return services.samples(model_id, body, who)
 
     @app.get("/v1/privacy/budgets", tags=["privacy"])
-    def budgets(who: Principal = officers) -> BudgetList:
-        return BudgetList(budgets=[b for b in _budgets(services.db) if who.sees(b.federation)])
+    def list_budgets(who: Principal = officers) -> BudgetList:
+        return BudgetList(budgets=[b for b in budgets(services.db) if who.sees(b.federation)])
 
     @app.get("/v1/privacy/budgets/{federation}/{node}", tags=["privacy"])
     def budget_history(federation: str, node: str, who: Principal = officers) -> BudgetHistory:
-        history = _history(services.db, federation, node) if who.sees(federation) else None
-        if history is None:
+        found = history(services.db, federation, node) if who.sees(federation) else None
+        if found is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"no node {node!r} in {federation!r}")
-        return history
+        return found
 
     @app.get("/v1/audit", tags=["audit"])
     def audit(
@@ -378,26 +396,14 @@ def create_app(home: Path, *, max_rows: int = DEFAULT_MAX_ROWS) -> FastAPI:
         cursor: Annotated[int, Query(ge=0, description="`next_cursor` of the previous page")] = 0,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     ) -> AuditPage:
-        entries: list[AuditEntry] = []
-        after = cursor
-        while len(entries) < limit:  # a scoped key skips other federations' events
-            batch = services.audit.events(
-                since=since,
-                until=until,
-                event_type=event_type,
-                actor=actor,
-                after_seq=after,
-                limit=limit,
-            )
-            if not batch:
-                break
-            after = batch[-1].seq
-            entries += [e for e in batch if _visible(e, who)]
-        entries = entries[:limit]
-        more = bool(entries) and len(entries) == limit
-        return AuditPage(
-            entries=[AuditOut(**e.__dict__) for e in entries],
-            next_cursor=entries[-1].seq if more else None,
+        return services.audit_page(
+            who,
+            since=since,
+            until=until,
+            event_type=event_type,
+            actor=actor,
+            cursor=cursor,
+            limit=limit,
         )
 
     @app.get("/v1/audit/verify", tags=["audit"])
@@ -412,12 +418,7 @@ def create_app(home: Path, *, max_rows: int = DEFAULT_MAX_ROWS) -> FastAPI:
         who: Principal = officers,
         format: Literal["csv", "ndjson"] = "ndjson",
     ) -> StreamingResponse:
-        services.audit.append("audit_exported", f"key:{who.key_id}", {"format": format})
-        return StreamingResponse(
-            _export(services.audit, who, format),
-            media_type=MEDIA_TYPES[format],
-            headers={"Content-Disposition": f'attachment; filename="fedsynth-audit.{format}"'},
-        )
+        return services.audit_export(who, format)
 
     @app.post("/v1/keys", tags=["keys"], status_code=status.HTTP_201_CREATED)
     def create_key(body: KeyCreate, who: Principal = admins) -> KeyCreated:
@@ -541,99 +542,3 @@ def _export(audit: AuditLog, who: Principal, fmt: str) -> Iterator[bytes]:
 
 def _key(info: KeyInfo) -> KeyOut:
     return KeyOut(**info.__dict__)
-
-
-def _budgets(db: Database) -> list[Budget]:
-    """Per federation and node: the latest epsilon it reported (training or evaluation),
-    its latest cap, rounds trained and refusals."""
-    out: dict[tuple[str, str], Budget] = {}
-    with db.session() as s:
-        rows = s.execute(
-            select(Run.federation, Participation)
-            .join(Run, Participation.run_id == Run.id)
-            .order_by(Participation.id)
-        ).all()
-        for federation, p in rows:
-            b = out.setdefault(
-                (federation, p.node),
-                Budget(
-                    federation=federation,
-                    node=p.node,
-                    epsilon_spent=None,
-                    delta=None,
-                    epsilon_cap=None,
-                    epsilon_remaining=None,
-                    rounds_trained=0,
-                    refusals=0,
-                ),
-            )
-            if p.status == "trained":
-                b.rounds_trained += 1
-                b.epsilon_spent = p.epsilon_spent
-                b.delta = p.delta
-            elif p.status == "refused":
-                b.refusals += 1
-                b.epsilon_spent = (
-                    p.epsilon_spent if p.epsilon_spent is not None else b.epsilon_spent
-                )
-            if p.epsilon_cap is not None:
-                b.epsilon_cap = p.epsilon_cap
-        reports = s.execute(
-            select(Run.federation, NodeReport)
-            .join(Run, NodeReport.run_id == Run.id)
-            .order_by(NodeReport.id)
-        ).all()
-        for federation, r in reports:
-            epsilon = json.loads(r.metrics_json).get("epsilon")
-            seen = out.get((federation, r.node))
-            if seen is not None and isinstance(epsilon, int | float) and math.isfinite(epsilon):
-                seen.epsilon_spent = max(seen.epsilon_spent or 0.0, float(epsilon))
-    for b in out.values():
-        if b.epsilon_cap is not None and b.epsilon_spent is not None:
-            b.epsilon_remaining = max(0.0, b.epsilon_cap - b.epsilon_spent)
-    return sorted(out.values(), key=lambda b: (b.federation, b.node))
-
-
-def _history(db: Database, federation: str, node: str) -> BudgetHistory | None:
-    with db.session() as s:
-        rows = (
-            s.execute(
-                select(Participation)
-                .join(Run, Participation.run_id == Run.id)
-                .where(Run.federation == federation, Participation.node == node)
-                .order_by(Participation.id)
-            )
-            .scalars()
-            .all()
-        )
-        reports = (
-            s.execute(
-                select(NodeReport)
-                .join(Run, NodeReport.run_id == Run.id)
-                .where(Run.federation == federation, NodeReport.node == node)
-                .order_by(NodeReport.id)
-            )
-            .scalars()
-            .all()
-        )
-        if not rows and not reports:
-            return None
-        return BudgetHistory(
-            federation=federation,
-            node=node,
-            rounds=[
-                BudgetRound(
-                    run=p.run_id,
-                    round=p.round,
-                    status=p.status,
-                    epsilon_spent=p.epsilon_spent,
-                    epsilon_cap=p.epsilon_cap,
-                    steps=p.steps,
-                    detail=p.detail or "",
-                )
-                for p in rows
-            ],
-            evaluations=[
-                {"run": r.run_id, "round": r.round, **json.loads(r.metrics_json)} for r in reports
-            ],
-        )
