@@ -105,8 +105,24 @@ class KeyStore:
             matches = hmac.compare_digest(expected, _digest(secret))
             if row is None or not matches or row.revoked_at is not None:
                 return None, key_id
-            scope = json.loads(row.federations_json) if row.federations_json else None
-            return Principal(row.id, row.role, frozenset(scope) if scope else None), key_id
+            return _principal(row), key_id
+
+    def principal(self, key_id: str) -> Principal | None:
+        """Who key ``key_id`` is now; None once it is revoked or if it never existed.
+
+        For sessions that were opened with the key (the dashboards): revoking the key
+        ends them at their next request.
+        """
+        with self.db.session() as s:
+            row = s.get(ApiKey, key_id)
+            if row is None or row.revoked_at is not None:
+                return None
+            return _principal(row)
+
+
+def _principal(row: ApiKey) -> Principal:
+    scope = json.loads(row.federations_json) if row.federations_json else None
+    return Principal(row.id, row.role, frozenset(scope) if scope else None)
 
 
 def _info(row: ApiKey) -> KeyInfo:
