@@ -11,7 +11,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -19,6 +19,9 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from fedsynth.home import fedsynth_home
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 app = typer.Typer(
     help="fedsynth: differentially private synthetic data from tables that cannot be shared.",
@@ -277,12 +280,13 @@ def _serve_demo(home: Path, port: int) -> None:
     """Start the API over the demo's home, with one fresh key per role."""
     import uvicorn
 
-    from fedsynth.server.api.app import create_app
-
-    api = create_app(home)
+    api = _api(home)
     services = api.state.services
     url = f"http://127.0.0.1:{port}"
-    lines = [f"API: {url}  (OpenAPI docs: {url}/docs; Ctrl-C stops it)"]
+    lines = [
+        f"API: {url}  (OpenAPI docs: {url}/docs; Ctrl-C stops it)",
+        f"Dashboards: {url}/dashboards  (sign in with the compliance or analyst key)",
+    ]
     for role in ("analyst", "compliance", "admin"):
         info, token = services.keys.create(role, label="fedsynth demo")
         services.audit.append("key_created", "demo", {"key": info.id, "role": role})
@@ -391,14 +395,26 @@ def serve(
         int, typer.Option(help="Largest n one sample request may ask for")
     ] = 10_000_000,
 ) -> None:
-    """Serve the HTTP API (models, samples, budgets, audit) over FEDSYNTH_HOME."""
+    """Serve the HTTP API (models, samples, budgets, audit) and the dashboards over
+    FEDSYNTH_HOME."""
     import uvicorn
 
+    home = fedsynth_home()
+    console.print(
+        f"FEDSYNTH_HOME = {home}; API docs at http://{host}:{port}/docs, "
+        f"dashboards at http://{host}:{port}/dashboards"
+    )
+    uvicorn.run(_api(home, max_rows=max_rows), host=host, port=port, log_level="info")
+
+
+def _api(home: Path, **settings: Any) -> FastAPI:
+    """The HTTP API with the dashboards mounted on it (the CLI composes the two parts)."""
+    from fedsynth.dashboards import mount_dashboards
     from fedsynth.server.api.app import create_app
 
-    home = fedsynth_home()
-    console.print(f"FEDSYNTH_HOME = {home}; API docs at http://{host}:{port}/docs")
-    uvicorn.run(create_app(home, max_rows=max_rows), host=host, port=port, log_level="info")
+    api = create_app(home, **settings)
+    mount_dashboards(api)
+    return api
 
 
 keys_app = typer.Typer(help="API keys (bearer tokens) for the HTTP API.", no_args_is_help=True)
