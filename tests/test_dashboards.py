@@ -217,7 +217,7 @@ def test_download_form_streams_the_requested_rows_with_provenance(site):
         ({"n": "many"}, "n: Input should be a valid integer"),
         ({"n": "60000"}, "n: at most 50000 rows per request"),
         ({"format": "xlsx"}, "format: Input should be"),
-        ({"condition.ward": "d"}, "condition on ward"),
+        ({"condition.ward": "d"}, "condition on 'ward': 'd' is not a declared category"),
     ],
 )
 def test_bad_download_fields_re_show_the_form_naming_the_field(site, fields, named):

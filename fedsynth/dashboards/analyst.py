@@ -158,7 +158,12 @@ def routes(site: Site) -> APIRouter:
             errors = [f"{_field(e['loc'])}: {e['msg']}" for e in exc.errors()]
         except HTTPException as exc:
             detail = exc.detail if isinstance(exc.detail, list) else [{"msg": exc.detail}]
-            errors = [f"{_field(d.get('loc', ()))}: {d['msg']}" for d in detail]
+            errors = [
+                d["msg"]
+                if "conditions" in d.get("loc", ())
+                else f"{_field(d.get('loc', ()))}: {d['msg']}"
+                for d in detail
+            ]
         return await run_in_threadpool(
             model_page, request, session, version, form=fields, errors=errors
         )
