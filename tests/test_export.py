@@ -2,12 +2,14 @@
 
 import io
 import json
+import threading
+import time
 
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from fedsynth.generative.export import format_for_path, iter_encoded, write_file
+from fedsynth.generative.export import format_for_path, iter_encoded, read_ahead, write_file
 from fedsynth.generative.training import train
 from tests.factories import small_frame, small_spec
 
@@ -63,3 +65,51 @@ def test_zero_rows_still_make_a_valid_file(model, tmp_path, suffix):
 def test_unknown_output_format_is_refused():
     with pytest.raises(ValueError, match="unknown output format 'xlsx'"):
         format_for_path("rows.xlsx")
+
+
+def test_read_ahead_keeps_order_and_stays_within_its_depth():
+    made: list[int] = []
+
+    def items():
+        for i in range(50):
+            made.append(i)
+            yield i
+
+    seen = []
+    for item in read_ahead(items(), depth=2):
+        time.sleep(0.002)
+        # At most the item being handed over, `depth` queued and the one consumed.
+        assert len(made) - len(seen) <= 2 + 2
+        seen.append(item)
+    assert seen == list(range(50))
+
+
+def test_read_ahead_raises_the_producers_error_in_its_place():
+    def items():
+        yield 1
+        yield 2
+        raise ValueError("bad chunk")
+
+    got = []
+    with pytest.raises(ValueError, match="bad chunk"):
+        for item in read_ahead(items(), depth=3):
+            got.append(item)
+    assert got == [1, 2]
+
+
+def test_read_ahead_stops_its_worker_when_the_consumer_stops():
+    made: list[int] = []
+
+    def items():
+        for i in range(10_000):
+            made.append(i)
+            yield i
+
+    stream = read_ahead(items(), depth=2)
+    assert next(stream) == 0
+    stream.close()  # as when a client disconnects mid-stream
+    deadline = time.time() + 5
+    while any(t.name == "fedsynth-read-ahead" for t in threading.enumerate()):
+        assert time.time() < deadline, "worker still running after the consumer stopped"
+        time.sleep(0.05)
+    assert len(made) < 10
