@@ -1,5 +1,5 @@
-"""Test data factories: a small spec with every column type, a frame for it, and the
-records of a finished run."""
+"""Test data factories: a small spec with every column type, a frame for it, the records
+of a finished run, and a home with those records, two registered models and API keys."""
 
 from __future__ import annotations
 
@@ -10,7 +10,19 @@ import numpy as np
 import pandas as pd
 
 from fedsynth.generative.spec import FederationSpec, parse_spec
-from fedsynth.server.records import Database, Federation, NodeReport, Participation, Run, utcnow
+from fedsynth.generative.training import train
+from fedsynth.privacy.keys import KeyStore as SigningKeys
+from fedsynth.server.api.keys import KeyStore
+from fedsynth.server.records import (
+    Database,
+    Federation,
+    NodeReport,
+    Participation,
+    Run,
+    database_url,
+    utcnow,
+)
+from fedsynth.server.registry import ModelRegistry
 
 REPO = Path(__file__).resolve().parents[1]
 FEDERATIONS = REPO / "federations"
@@ -136,3 +148,32 @@ def clinic_records(db: Database) -> None:
                 metrics_json=json.dumps({"column_shapes": 0.8, "epsilon": 0.82}),
             )
         )
+
+
+#: Node privacy that ``populate`` registers its models with.
+PRIVACY = {"north": {"epsilon": 0.8, "delta": 1e-4}, "south": {"epsilon": 0.9, "delta": 1e-4}}
+
+
+def populate(home: Path, quality: dict[str, float] | None = None) -> dict[str, str]:
+    """Records of a finished clinic run, models clinic-v1 and bank-v1, one key per role
+    (and a clinic-only analyst key); returns the keys by role."""
+    db = Database(database_url(home))
+    clinic_records(db)
+    registry = ModelRegistry(home / "registry", SigningKeys(home / "keys"), db)
+    model = train(small_frame(300), small_spec("gan", steps=5))
+    for federation, sector in (("clinic", "hospital"), ("bank", "bank")):
+        registry.register(
+            model,
+            federation=federation,
+            sector=sector,
+            run_id=None,
+            round=2,
+            node_privacy=PRIVACY,
+            participants=["north", "south"],
+            quality=quality,
+        )
+    keys = KeyStore(db)
+    tokens = {role: keys.create(role)[1] for role in ("analyst", "compliance", "admin")}
+    tokens["clinic-analyst"] = keys.create("analyst", ["clinic"])[1]
+    db.dispose()
+    return tokens

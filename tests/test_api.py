@@ -12,42 +12,19 @@ import pyarrow.parquet as pq
 import pytest
 from sqlalchemy import text
 
-from fedsynth.generative.training import train
-from fedsynth.privacy.keys import KeyStore as SigningKeys
 from fedsynth.server.api.app import create_app
-from fedsynth.server.api.keys import KeyStore
 from fedsynth.server.audit import AuditLog
 from fedsynth.server.records import Database, database_url
-from fedsynth.server.registry import ModelRegistry
-from tests.factories import clinic_records, small_frame, small_spec
+from tests.factories import populate
 from tests.http import serving
-
-PRIVACY = {"north": {"epsilon": 0.8, "delta": 1e-4}, "south": {"epsilon": 0.9, "delta": 1e-4}}
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     home = tmp_path_factory.mktemp("home")
-    db = Database(database_url(home))
-    clinic_records(db)
-    registry = ModelRegistry(home / "registry", SigningKeys(home / "keys"), db)
-    model = train(small_frame(300), small_spec("gan", steps=5))
-    for federation, sector in (("clinic", "hospital"), ("bank", "bank")):
-        registry.register(
-            model,
-            federation=federation,
-            sector=sector,
-            run_id=None,
-            round=2,
-            node_privacy=PRIVACY,
-            participants=["north", "south"],
-            quality=None,
-        )
-    keys = KeyStore(db)
-    tokens = {role: keys.create(role)[1] for role in ("analyst", "compliance", "admin")}
-    tokens["clinic-analyst"] = keys.create("analyst", ["clinic"])[1]
+    tokens = populate(home)
     with serving(create_app(home, max_rows=3_000_000)) as url:
-        yield {"url": url, "tokens": tokens, "db": db, "home": home}
+        yield {"url": url, "tokens": tokens, "db": Database(database_url(home)), "home": home}
 
 
 def _client(server, role: str | None = None) -> httpx.Client:

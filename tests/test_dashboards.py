@@ -17,14 +17,16 @@ from fedsynth.server.api.budgets import Budget
 from fedsynth.server.api.keys import KeyStore
 from fedsynth.server.audit import AuditLog
 from fedsynth.server.records import Database, database_url
-from tests.dashboard_server import LATEST_EPSILON, dashboards, populate
-from tests.factories import small_spec
+from tests.dashboard_server import LATEST_EPSILON, dashboards
+from tests.factories import populate, small_spec
+
+QUALITY = {"column_shapes": 0.81, "dcr_mean": 0.2}
 
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     home = tmp_path_factory.mktemp("home")
-    tokens = populate(home)
+    tokens = populate(home, quality=QUALITY)
     with dashboards(home, max_rows=50_000) as url:
         yield {"url": url, "tokens": tokens, "home": home}
 

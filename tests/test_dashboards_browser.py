@@ -17,8 +17,8 @@ import pytest
 from sqlalchemy import text
 
 from fedsynth.server.records import Database, database_url
-from tests.dashboard_server import CAP, LATEST_EPSILON, dashboards, populate
-from tests.factories import small_spec
+from tests.dashboard_server import CAP, LATEST_EPSILON, dashboards
+from tests.factories import populate, small_spec
 
 CHROMIUM = os.environ.get("FEDSYNTH_TEST_CHROMIUM", "/usr/bin/chromium")
 SCREENSHOTS = Path(__file__).resolve().parents[1] / "artifacts" / "screenshots"
@@ -43,11 +43,13 @@ if not shutil.which(CHROMIUM):
         raise RuntimeError(f"CI must install Chromium ({CHROMIUM} not found): see .ci/run")
     pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)", allow_module_level=True)
 
+QUALITY = {"column_shapes": 0.81, "dcr_mean": 0.2}
+
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     home = tmp_path_factory.mktemp("home")
-    tokens = populate(home)
+    tokens = populate(home, quality=QUALITY)
     with dashboards(home) as url:
         yield {"url": url, "tokens": tokens, "home": home}
 

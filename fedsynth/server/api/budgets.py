@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from fedsynth.server.records import Database, NodeReport, Participation, Run
+
+R = TypeVar("R", Participation, NodeReport)
 
 
 class _Out(BaseModel):
@@ -126,20 +128,22 @@ def history(db: Database, federation: str, node: str) -> BudgetHistory | None:
 def _participations(
     s: Session, federation: str | None = None, node: str | None = None
 ) -> list[tuple[str, Participation]]:
-    query = select(Run.federation, Participation).join(Run, Participation.run_id == Run.id)
-    if federation is not None:
-        query = query.where(Run.federation == federation)
-    if node is not None:
-        query = query.where(Participation.node == node)
-    return [(f, p) for f, p in s.execute(query.order_by(Participation.id)).all()]
+    return _rows(s, Participation, federation, node)
 
 
 def _reports(
     s: Session, federation: str | None = None, node: str | None = None
 ) -> list[tuple[str, NodeReport]]:
-    query = select(Run.federation, NodeReport).join(Run, NodeReport.run_id == Run.id)
+    return _rows(s, NodeReport, federation, node)
+
+
+def _rows(
+    s: Session, table: type[R], federation: str | None, node: str | None
+) -> list[tuple[str, R]]:
+    """(federation, row) of a per-node, per-run table, oldest first."""
+    query = select(Run.federation, table).join(Run, table.run_id == Run.id)
     if federation is not None:
         query = query.where(Run.federation == federation)
     if node is not None:
-        query = query.where(NodeReport.node == node)
-    return [(f, r) for f, r in s.execute(query.order_by(NodeReport.id)).all()]
+        query = query.where(table.node == node)
+    return [(f, row) for f, row in s.execute(query.order_by(table.id)).all()]
