@@ -13,6 +13,11 @@ columns dropped), open the node's ledger:
 
 A node whose table does not fit the spec stops with the table error, naming the column and
 rows, before any training.
+
+In deployment Flower starts a fresh process for every message, and most messages of a
+SecAgg+ round (key setup, share exchange, unmasking) are answered by the mod without
+reaching a handler. So torch, Opacus and pandas are imported inside the handlers, not here:
+those processes start without them (about 5 s of imports each, measured on this machine).
 """
 
 from __future__ import annotations
@@ -21,10 +26,9 @@ import json
 import zlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
@@ -36,10 +40,14 @@ from flwr.compat.common import recorddict_compat as compat
 
 from fedsynth.clients.node import DEFAULTS_RECORD, NodeConfig, load_rows, resolve_context
 from fedsynth.clients.outbox import outbox_mod
-from fedsynth.generative import rounds
 from fedsynth.generative.spec import FederationSpec, parse_spec
 from fedsynth.privacy import protocol
-from fedsynth.privacy.ledger import BudgetCheck, PrivacyLedger
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from fedsynth.generative import rounds
+    from fedsynth.privacy.ledger import BudgetCheck, PrivacyLedger
 
 
 class BudgetRefused(RuntimeError):
@@ -112,6 +120,8 @@ class NodeSession:
 
 
 def open_session(context: Context, config: dict) -> NodeSession:
+    from fedsynth.privacy.ledger import PrivacyLedger
+
     node = resolve_context(context)
     text = str(config[protocol.SPEC])
     spec = parse_spec(json.loads(text), source="spec sent by the server")
@@ -137,6 +147,8 @@ def _plan(
 ) -> rounds.NodePlan:
     """The run's noise plan, calibrated once (a few seconds of accountant work) and kept
     in memory and in the ledger: in deployment every message is a fresh process."""
+    from fedsynth.generative import rounds
+
     key = (text, rows)
     if key not in _PLANS:
         name = f"plan/run-{run}"
@@ -183,6 +195,8 @@ def query(message: Message, context: Context) -> Message:
 
 
 def train(message: Message, context: Context) -> Message:
+    from fedsynth.generative import rounds
+
     fitins = compat.recorddict_to_fitins(message.content, keep_input=True)
     session = open_session(context, dict(fitins.config))
     spec = session.spec
@@ -255,6 +269,8 @@ def secure_aggregation_mod(
 
 
 def evaluate(message: Message, context: Context) -> Message:
+    from fedsynth.generative import rounds
+
     evalins = compat.recorddict_to_evaluateins(message.content, keep_input=True)
     session = open_session(context, dict(evalins.config))
     counts = session.released_counts()

@@ -12,12 +12,12 @@ import math
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from fedsynth.generative.spec import FederationSpec
-from fedsynth.generative.table import read_table, validate_table
+
+if TYPE_CHECKING:  # pandas is imported by load_rows, when a handler needs the table
+    import pandas as pd
 
 KEYS = ("institution", "data-path", "ledger-path", "epsilon-cap", "outbox-path")
 
@@ -108,6 +108,8 @@ def load_rows(config: NodeConfig, spec: FederationSpec) -> pd.DataFrame:
     path = config.data_path
     key = (str(path), path.stat().st_mtime if path.exists() else -1.0, spec.federation.name)
     if key not in _TABLES:
+        from fedsynth.generative.table import read_table, validate_table
+
         frame = validate_table(read_table(path), spec.schema)
         _TABLES.clear()  # one table per worker at a time: bounded memory
         _TABLES[key] = frame
