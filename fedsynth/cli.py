@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -236,7 +237,14 @@ def demo(
         results = run_demo(home, quick=quick, on_round=report)
     except (DemoDataError, FileNotFoundError, RoundFailed) as exc:
         raise _fail(str(exc)) from None
-    table = Table(title="fedsynth demo: one federated DP model per sector (3 nodes each)")
+    # No vertical rules: the nine columns then fit an 80-column terminal untruncated.
+    table = Table(
+        title="fedsynth demo: one federated DP model per sector (3 nodes each)",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        collapse_padding=True,
+        pad_edge=False,
+    )
     for name in (
         "sector",
         "model",
@@ -248,7 +256,8 @@ def demo(
         "TSTR",
         "TRTR",
     ):
-        table.add_column(name, justify="left" if name in ("sector", "model", "kind") else "right")
+        left = name in ("sector", "model", "kind")
+        table.add_column(name, justify="left" if left else "right", no_wrap=True)
 
     def fmt(value: object) -> str:
         return f"{value:.3f}" if isinstance(value, float) else str(value)

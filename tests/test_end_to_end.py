@@ -160,6 +160,9 @@ def test_quick_demo_federates_every_sector_and_leaves_a_verified_trail(tmp_path)
     done = _fedsynth("demo", "--quick", "--no-serve", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "one federated DP model per sector" in done.stdout  # the summary table
+    # Untruncated in an 80-column terminal (what a captured run gets).
+    assert all(f"{s}-v1" in done.stdout for s in ("bank", "hospital", "retail"))
+    assert "quality" in done.stdout and "max node ε" in done.stdout
     listed = _fedsynth("models", "list", "--json", cwd=tmp_path)
     models = json.loads(listed.stdout)
     assert sorted(m["sector"] for m in models) == ["bank", "hospital", "retail"]
