@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -403,6 +404,14 @@ def serve(
     max_rows: Annotated[
         int, typer.Option(help="Largest n one sample request may ask for")
     ] = 10_000_000,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Server processes. One process uses about one core; keys, sessions and the "
+            "audit chain live in the database, so workers share them.",
+        ),
+    ] = 1,
 ) -> None:
     """Serve the HTTP API (models, samples, budgets, audit) and the dashboards over
     FEDSYNTH_HOME."""
@@ -413,7 +422,28 @@ def serve(
         f"FEDSYNTH_HOME = {home}; API docs at http://{host}:{port}/docs, "
         f"dashboards at http://{host}:{port}/dashboards"
     )
-    uvicorn.run(_api(home, max_rows=max_rows), host=host, port=port, log_level="info")
+    api = _api(home, max_rows=max_rows)  # also creates the database tables, once
+    if workers == 1:
+        uvicorn.run(api, host=host, port=port, log_level="info")
+        return
+    # Worker processes import the app by name and build it from the environment.
+    os.environ.update({"FEDSYNTH_HOME": str(home), MAX_ROWS_ENV: str(max_rows)})
+    uvicorn.run(
+        "fedsynth.cli:api_from_environment",
+        factory=True,
+        workers=workers,
+        host=host,
+        port=port,
+        log_level="info",
+    )
+
+
+MAX_ROWS_ENV = "FEDSYNTH_MAX_ROWS"
+
+
+def api_from_environment() -> FastAPI:
+    """The app of one ``fedsynth serve --workers N`` process (uvicorn calls this)."""
+    return _api(fedsynth_home(), max_rows=int(os.environ.get(MAX_ROWS_ENV, "10000000")))
 
 
 def _api(home: Path, **settings: Any) -> FastAPI:

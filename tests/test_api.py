@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -16,7 +22,7 @@ from fedsynth.server.api.app import create_app
 from fedsynth.server.audit import AuditLog
 from fedsynth.server.records import Database, database_url
 from tests.factories import populate
-from tests.http import serving
+from tests.http import free_port, serving
 
 
 @pytest.fixture(scope="module")
@@ -214,3 +220,49 @@ def test_streaming_two_million_rows_keeps_memory_flat(server):
     assert total > 2_000_000 * 20  # every row arrived (CSV, > 20 bytes a row)
     # The server runs in this process: RSS covers it. Bounded growth, not proportional to n.
     assert peak - before < 300, (before, peak)
+
+
+def test_worker_processes_share_keys_and_one_audit_chain(tmp_path):
+    """``fedsynth serve --workers 2``: two processes behind one port, one database."""
+    home = tmp_path / "home"
+    home.mkdir()
+    tokens = populate(home)
+    port = free_port()
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "fedsynth.cli", "serve", "--port", str(port), "--workers", "2"],
+            env={**os.environ, "FEDSYNTH_HOME": str(home)},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 120
+        while log.read_text().count("Application startup complete") < 2:
+            assert server.poll() is None, log.read_text()[-3000:]
+            assert time.time() < deadline, "two workers did not start within 120 s"
+            time.sleep(0.5)
+        audit = AuditLog(Database(database_url(home)))
+        before = audit.count()
+        headers = {"Authorization": f"Bearer {tokens['analyst']}"}
+
+        def ask(seed: int) -> httpx.Response:
+            body = {"n": 100, "seed": seed, "format": "csv"}
+            return httpx.post(f"{url}/v1/models/clinic-v1/samples", json=body, headers=headers)
+
+        with ThreadPoolExecutor(8) as pool:
+            responses = list(pool.map(ask, range(40)))
+        assert [r.status_code for r in responses] == [200] * 40
+        assert all(len(r.text.splitlines()) == 101 for r in responses)
+        pids = set(re.findall(r"Started server process \[(\d+)\]", log.read_text()))
+        assert len(pids) == 2
+        assert audit.count() == before + 40
+        assert audit.verify().ok
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
