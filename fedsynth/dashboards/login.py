@@ -75,14 +75,22 @@ def routes(site: Site) -> APIRouter:
                 status.HTTP_403_FORBIDDEN,
             )
         where = {"method": "POST", "path": request.url.path}
+        client = request.client.host if request.client else "unknown"
+        wait = site.services.limiter.retry_after(client)
+        if wait:
+            refused = login_page(
+                request,
+                f"Too many failed sign-ins from this address: try again in {wait} s.",
+                next,
+                status.HTTP_429_TOO_MANY_REQUESTS,
+            )
+            refused.headers["Retry-After"] = str(wait)
+            return refused
         if not api_key.strip():
             audit.append("auth_failed", "anonymous", {**where, "reason": "no key"})
             return login_page(request, "Enter your API key.", next, status.HTTP_401_UNAUTHORIZED)
-        principal, key_id = site.services.keys.authenticate(api_key.strip())
+        principal = site.services.authenticate(api_key.strip(), client, where)
         if principal is None:
-            audit.append(
-                "auth_failed", f"key:{key_id}", {**where, "reason": "unknown or revoked key"}
-            )
             return login_page(
                 request,
                 "Unknown or revoked API key. Ask an administrator for a key "

@@ -34,6 +34,7 @@ from fedsynth.generative.model import SynthModel
 from fedsynth.privacy.keys import KeyStore as SigningKeys
 from fedsynth.server.api.budgets import BudgetHistory, BudgetList, budgets, history
 from fedsynth.server.api.keys import ApiKeyError, KeyInfo, KeyStore, Principal
+from fedsynth.server.api.ratelimit import DEFAULT_FAILURES, FailureLimiter
 from fedsynth.server.audit import AuditEntry, AuditLog
 from fedsynth.server.records import ROLES, Database, database_url
 from fedsynth.server.registry import ModelRegistry, ModelVersion, RegistryError
@@ -151,12 +152,13 @@ class KeyCreated(KeyOut):
 class Services:
     """What the routes share: records, audit chain, registry, API keys, loaded models."""
 
-    def __init__(self, home: Path, max_rows: int) -> None:
+    def __init__(self, home: Path, max_rows: int, auth_failures: int = DEFAULT_FAILURES) -> None:
         home.mkdir(parents=True, exist_ok=True)
         self.db = Database(database_url(home))
         self.audit = AuditLog(self.db)
         self.registry = ModelRegistry(home / "registry", SigningKeys(home / "keys"), self.db)
         self.keys = KeyStore(self.db)
+        self.limiter = FailureLimiter(auth_failures)
         self.max_rows = max_rows
         self._models: dict[str, SynthModel] = {}
         self._lock = threading.Lock()
@@ -172,6 +174,22 @@ class Services:
                     )
                     raise
             return self._models[model_id]
+
+    def authenticate(self, token: str, client: str, where: dict[str, str]) -> Principal | None:
+        """Check a bearer key; a failure is audited (with the key id, never the key) and
+        counted against ``client``, which is refused after too many."""
+        principal, key_id = self.keys.authenticate(token)
+        if principal is None:
+            self.audit.append(
+                "auth_failed", f"key:{key_id}", {**where, "reason": "unknown or revoked key"}
+            )
+            if self.limiter.failed(client):
+                self.audit.append(
+                    "auth_rate_limited",
+                    "anonymous",
+                    {**where, "client": client, "failures": self.limiter.failures},
+                )
+        return principal
 
     def visible_version(self, model_id: str, who: Principal) -> ModelVersion:
         """The version ``model_id`` if ``who`` may see it; 404 otherwise, also for a model
@@ -277,12 +295,14 @@ class Services:
         )
 
 
-def create_app(home: Path, *, max_rows: int = DEFAULT_MAX_ROWS) -> FastAPI:
+def create_app(
+    home: Path, *, max_rows: int = DEFAULT_MAX_ROWS, auth_failures: int = DEFAULT_FAILURES
+) -> FastAPI:
     # Concurrency comes from requests, one thread each: torch's intra-op threads on top
     # spin against each other (bank model on a busy 2-core machine: 44k rows/s with 2
     # threads, 328k with 1; python bench/api.py measures the server).
     torch.set_num_threads(1)
-    services = Services(home, max_rows)
+    services = Services(home, max_rows, auth_failures)
     app = FastAPI(
         title="fedsynth",
         version=fedsynth.__version__,
@@ -300,6 +320,14 @@ def create_app(home: Path, *, max_rows: int = DEFAULT_MAX_ROWS) -> FastAPI:
             credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)],
         ) -> Principal:
             where = {"method": request.method, "path": request.url.path}
+            client = request.client.host if request.client else "unknown"
+            wait = services.limiter.retry_after(client)
+            if wait:
+                raise HTTPException(
+                    status.HTTP_429_TOO_MANY_REQUESTS,
+                    f"too many failed authentications from this client: retry in {wait} s",
+                    headers={"Retry-After": str(wait)},
+                )
             if credentials is None:
                 services.audit.append("auth_failed", "anonymous", {**where, "reason": "no key"})
                 raise HTTPException(
@@ -307,11 +335,8 @@ def create_app(home: Path, *, max_rows: int = DEFAULT_MAX_ROWS) -> FastAPI:
                     "missing API key: send Authorization: Bearer <key>",
                     headers={"WWW-Authenticate": "Bearer"},
                 )
-            principal, key_id = services.keys.authenticate(credentials.credentials)
+            principal = services.authenticate(credentials.credentials, client, where)
             if principal is None:
-                services.audit.append(
-                    "auth_failed", f"key:{key_id}", {**where, "reason": "unknown or revoked key"}
-                )
                 raise HTTPException(
                     status.HTTP_401_UNAUTHORIZED,
                     "unknown or revoked API key",
