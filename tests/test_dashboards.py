@@ -310,6 +310,8 @@ def test_pages_carry_security_headers_and_load_scripts_only_from_this_site(site)
     served = client.get(plotly.group(1))
     assert served.status_code == 200 and served.content == plotly_js().read_bytes()
     assert client.get("/dashboards/static/fedsynth.db").status_code == 404
+    # The API's own responses pass through untouched.
+    assert "content-security-policy" not in client.get("/health").headers
 
 
 def test_empty_home_says_what_to_do(tmp_path):

@@ -17,6 +17,8 @@ from urllib.parse import quote
 from fastapi import FastAPI, Request, status
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import fedsynth
 from fedsynth.dashboards.sessions import SESSION_HOURS, Session, SessionStore
@@ -142,15 +144,7 @@ class Site:
                 message=str(exc),
             )
 
-        @app.middleware("http")
-        async def security_headers(request: Request, call_next: Callable[..., Any]) -> Response:
-            response: Response = await call_next(request)
-            if request.url.path.startswith(PREFIX):
-                for name, value in SECURITY_HEADERS.items():
-                    response.headers.setdefault(name, value)
-                if "/static/" not in request.url.path:
-                    response.headers.setdefault("Cache-Control", "no-store")
-            return response
+        app.add_middleware(DashboardHeaders)
 
     def set_session_cookie(self, request: Request, response: Response, token: str) -> None:
         response.set_cookie(
@@ -166,6 +160,37 @@ class Site:
     @staticmethod
     def new_login_csrf() -> str:
         return secrets.token_urlsafe(32)
+
+
+class DashboardHeaders:
+    """Security headers on every response under /dashboards, and no caching of pages.
+
+    A plain ASGI middleware, not ``@app.middleware("http")``: that one wraps every response
+    of the app, the API's long sample streams included; this one only edits the headers of
+    dashboard responses and passes everything else through untouched.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "") if scope["type"] == "http" else ""
+        if not path.startswith(PREFIX):
+            await self.app(scope, receive, send)
+            return
+        extra = dict(SECURITY_HEADERS)
+        if "/static/" not in path:
+            extra["Cache-Control"] = "no-store"
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for name, value in extra.items():
+                    if name not in headers:
+                        headers[name] = value
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
 
 
 def _compact(value: Any) -> str:
