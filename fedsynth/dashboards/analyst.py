@@ -23,7 +23,7 @@ from fedsynth.dashboards.sessions import Session
 from fedsynth.dashboards.site import ADMIN, ANALYST, PageNotFound, Site
 from fedsynth.generative.schema import ColumnType, Role
 from fedsynth.server.api.app import SampleRequest
-from fedsynth.server.api.budgets import budgets, history
+from fedsynth.server.api.budgets import histories
 from fedsynth.server.registry import ModelVersion, RegistryError
 
 #: Rows drawn (seed 0) for a model page's charts; cached per model.
@@ -67,9 +67,10 @@ def routes(site: Site) -> APIRouter:
         schema = model.schema
         sample = preview(version.id)
         modelled = list(schema.modelled)
-        nodes = [b.node for b in budgets(services.db) if b.federation == version.federation]
-        found = {node: history(services.db, version.federation, node) for node in nodes}
-        histories = {node: h for node, h in found.items() if h is not None}
+        # Nodes the server asked to train (those with a budget), not report-only ones.
+        trained = {
+            node: h for node, h in histories(services.db, version.federation).items() if h.rounds
+        }
         run = manifest.get("run_id")
         quality = model.metadata.get("quality") or {}
         return site.render(
@@ -90,8 +91,8 @@ def routes(site: Site) -> APIRouter:
                 if c.name in sample
             ],
             heatmap=figures.correlation_heatmap(sample, modelled),
-            spend_figure=figures.spend_per_round(histories, run),
-            scores_figure=figures.scores_per_round(histories, run),
+            spend_figure=figures.spend_per_round(trained, run),
+            scores_figure=figures.scores_per_round(trained, run),
             node_quality=quality.get("nodes") or {},
             node_privacy=manifest.get("node_privacy") or {},
             secure_aggregation=model.metadata.get("privacy", {}).get("secure_aggregation"),

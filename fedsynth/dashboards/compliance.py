@@ -16,7 +16,7 @@ from fastapi.responses import HTMLResponse, Response, StreamingResponse
 from fedsynth.dashboards import figures
 from fedsynth.dashboards.sessions import Session
 from fedsynth.dashboards.site import ADMIN, COMPLIANCE, PageNotFound, Site
-from fedsynth.server.api.budgets import Budget, budgets, history
+from fedsynth.server.api.budgets import Budget, budgets, histories, history
 
 AUDIT_PAGE = 50
 
@@ -35,14 +35,14 @@ def routes(site: Site) -> APIRouter:
                 by_federation[b.federation].append(b)
         federations = []
         for name, rows in sorted(by_federation.items()):
-            found = {b.node: history(services.db, name, b.node) for b in rows}
-            histories = {node: h for node, h in found.items() if h is not None}
+            found = histories(services.db, name)
+            charted = {b.node: found[b.node] for b in rows if b.node in found}
             caps = {b.node: b.epsilon_cap for b in rows}
             federations.append(
                 {
                     "name": name,
                     "rows": [_budget_row(b) for b in rows],
-                    "figure": figures.burndown(name, histories, caps),
+                    "figure": figures.burndown(name, charted, caps),
                 }
             )
         return site.render(
@@ -128,14 +128,7 @@ def routes(site: Site) -> APIRouter:
 
 
 def _budget_row(b: Budget) -> dict[str, object]:
-    share = (
-        b.epsilon_spent / b.epsilon_cap if b.epsilon_spent is not None and b.epsilon_cap else None
-    )
-    return {
-        **b.model_dump(),
-        "share": share,
-        "near_cap": share is not None and share >= figures.NEAR_CAP,
-    }
+    return {**b.model_dump(), "near_cap": figures.near_cap(b.epsilon_spent, b.epsilon_cap)}
 
 
 def _moment(text: str, field: str, errors: list[str]) -> datetime | None:

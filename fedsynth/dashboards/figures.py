@@ -32,6 +32,12 @@ _LAYOUT: dict[str, Any] = {
 }
 
 
+def near_cap(spent: float | None, cap: float | None) -> bool:
+    """Whether a node has spent at least :data:`NEAR_CAP` of its cap (the flag in the
+    budget table and in the chart's legend)."""
+    return spent is not None and cap is not None and cap > 0 and spent >= NEAR_CAP * cap
+
+
 @dataclass(frozen=True)
 class SpendPoint:
     run: int
@@ -81,7 +87,7 @@ def burndown(
             if p.label not in labels:
                 labels.append(p.label)
         cap = caps.get(node)
-        near = cap is not None and bool(series) and series[-1].epsilon >= NEAR_CAP * cap
+        near = bool(series) and near_cap(series[-1].epsilon, cap)
         fig.add_trace(
             go.Scatter(
                 x=[p.label for p in series],

@@ -13,6 +13,7 @@ from typing import Annotated
 from fastapi import APIRouter, Form, Request, status
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
+from fedsynth.dashboards.sessions import SESSION_HOURS
 from fedsynth.dashboards.site import LOGIN_CSRF_COOKIE, PREFIX, SESSION_COOKIE, Site, home_of
 
 
@@ -32,15 +33,7 @@ def routes(site: Site) -> APIRouter:
             csrf_token=token,
             next_path=_safe_next(next_path),
         )
-        response.set_cookie(
-            LOGIN_CSRF_COOKIE,
-            token,
-            max_age=3600,
-            path=PREFIX,
-            httponly=True,
-            samesite="strict",
-            secure=request.url.scheme == "https",
-        )
+        site.set_cookie(request, response, LOGIN_CSRF_COOKIE, token, max_age=3600)
         return response
 
     @router.get("", response_class=HTMLResponse)
@@ -103,7 +96,7 @@ def routes(site: Site) -> APIRouter:
         response = RedirectResponse(
             _safe_next(next) or home_of(principal.role), status.HTTP_303_SEE_OTHER
         )
-        site.set_session_cookie(request, response, token)
+        site.set_cookie(request, response, SESSION_COOKIE, token, max_age=SESSION_HOURS * 3600)
         response.delete_cookie(LOGIN_CSRF_COOKIE, path=PREFIX)
         return response
 

@@ -21,7 +21,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import fedsynth
-from fedsynth.dashboards.sessions import SESSION_HOURS, Session, SessionStore
+from fedsynth.dashboards.sessions import Session, SessionStore
 from fedsynth.server.api.app import Services
 from fedsynth.server.records import ROLES
 
@@ -146,11 +146,16 @@ class Site:
 
         app.add_middleware(DashboardHeaders)
 
-    def set_session_cookie(self, request: Request, response: Response, token: str) -> None:
+    @staticmethod
+    def set_cookie(
+        request: Request, response: Response, name: str, value: str, max_age: int
+    ) -> None:
+        """Every dashboard cookie: HttpOnly, SameSite=Strict, only for /dashboards, and
+        Secure when the page came over TLS."""
         response.set_cookie(
-            SESSION_COOKIE,
-            token,
-            max_age=SESSION_HOURS * 3600,
+            name,
+            value,
+            max_age=max_age,
             path=PREFIX,
             httponly=True,
             samesite="strict",

@@ -99,15 +99,16 @@ def budgets(db: Database) -> list[Budget]:
 def history(db: Database, federation: str, node: str) -> BudgetHistory | None:
     """One node's answers to every round of ``federation``, and its evaluation reports;
     None when the server never heard of it."""
+    return histories(db, federation, node).get(node)
+
+
+def histories(db: Database, federation: str, node: str | None = None) -> dict[str, BudgetHistory]:
+    """Every node's history in ``federation`` (or only ``node``'s), in two queries."""
+    rounds: dict[str, list[BudgetRound]] = {}
+    evaluations: dict[str, list[dict[str, Any]]] = {}
     with db.session() as s:
-        rows = [p for _, p in _participations(s, federation, node)]
-        reports = [r for _, r in _reports(s, federation, node)]
-        if not rows and not reports:
-            return None
-        return BudgetHistory(
-            federation=federation,
-            node=node,
-            rounds=[
+        for _, p in _participations(s, federation, node):
+            rounds.setdefault(p.node, []).append(
                 BudgetRound(
                     run=p.run_id,
                     round=p.round,
@@ -117,12 +118,20 @@ def history(db: Database, federation: str, node: str) -> BudgetHistory | None:
                     steps=p.steps,
                     detail=p.detail or "",
                 )
-                for p in rows
-            ],
-            evaluations=[
-                {"run": r.run_id, "round": r.round, **json.loads(r.metrics_json)} for r in reports
-            ],
+            )
+        for _, r in _reports(s, federation, node):
+            evaluations.setdefault(r.node, []).append(
+                {"run": r.run_id, "round": r.round, **json.loads(r.metrics_json)}
+            )
+    return {
+        name: BudgetHistory(
+            federation=federation,
+            node=name,
+            rounds=rounds.get(name, []),
+            evaluations=evaluations.get(name, []),
         )
+        for name in sorted({*rounds, *evaluations})
+    }
 
 
 def _participations(
