@@ -6,6 +6,7 @@ app the CLI builds (``fedsynth.cli._api``: the API with the dashboards mounted).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,3 +24,10 @@ def dashboards(home: Path, **settings: int) -> Iterator[str]:
     """Serve the API and dashboards over ``home``; yields the base URL."""
     with serving(_api(home, **settings)) as url:
         yield url
+
+
+def csrf_field(html: str) -> str:
+    """The value of a page's hidden ``csrf_token`` form field."""
+    found = re.search(r'name="csrf_token" value="([^"]+)"', html)
+    assert found, "no csrf_token field on the page"
+    return found.group(1)

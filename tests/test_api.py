@@ -4,12 +4,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
-import signal
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -22,7 +17,7 @@ from fedsynth.server.api.app import create_app
 from fedsynth.server.audit import AuditLog
 from fedsynth.server.records import Database, database_url
 from tests.factories import populate
-from tests.http import free_port, serving
+from tests.http import serve_process, serving
 
 
 @pytest.fixture(scope="module")
@@ -227,22 +222,8 @@ def test_worker_processes_share_keys_and_one_audit_chain(tmp_path):
     home = tmp_path / "home"
     home.mkdir()
     tokens = populate(home)
-    port = free_port()
-    log = tmp_path / "serve.log"
-    with open(log, "wb") as out:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "fedsynth.cli", "serve", "--port", str(port), "--workers", "2"],
-            env={**os.environ, "FEDSYNTH_HOME": str(home)},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 120
-        while log.read_text().count("Application startup complete") < 2:
-            assert server.poll() is None, log.read_text()[-3000:]
-            assert time.time() < deadline, "two workers did not start within 120 s"
-            time.sleep(0.5)
+    with serve_process(home, tmp_path / "serve.log", workers=2) as server:
+        url = server.url
         audit = AuditLog(Database(database_url(home)))
         before = audit.count()
         headers = {"Authorization": f"Bearer {tokens['analyst']}"}
@@ -255,14 +236,7 @@ def test_worker_processes_share_keys_and_one_audit_chain(tmp_path):
             responses = list(pool.map(ask, range(40)))
         assert [r.status_code for r in responses] == [200] * 40
         assert all(len(r.text.splitlines()) == 101 for r in responses)
-        pids = set(re.findall(r"Started server process \[(\d+)\]", log.read_text()))
+        pids = set(re.findall(r"Started server process \[(\d+)\]", server.output()))
         assert len(pids) == 2
         assert audit.count() == before + 40
         assert audit.verify().ok
-    finally:
-        server.send_signal(signal.SIGINT)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()

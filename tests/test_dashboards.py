@@ -17,7 +17,7 @@ from fedsynth.server.api.budgets import Budget
 from fedsynth.server.api.keys import KeyStore
 from fedsynth.server.audit import AuditLog
 from fedsynth.server.records import Database, database_url
-from tests.dashboard_server import LATEST_EPSILON, dashboards
+from tests.dashboard_server import LATEST_EPSILON, csrf_field, dashboards
 from tests.factories import populate, small_spec
 
 QUALITY = {"column_shapes": 0.81, "dcr_mean": 0.2}
@@ -35,18 +35,12 @@ def _browser(site) -> httpx.Client:
     return httpx.Client(base_url=site["url"], timeout=60, follow_redirects=False)
 
 
-def _csrf(html: str) -> str:
-    found = re.search(r'name="csrf_token" value="([^"]+)"', html)
-    assert found, "no csrf_token field on the page"
-    return found.group(1)
-
-
 def _login(site, role: str) -> httpx.Client:
     client = _browser(site)
     form = client.get("/dashboards/login")
     response = client.post(
         "/dashboards/login",
-        data={"api_key": site["tokens"][role], "csrf_token": _csrf(form.text)},
+        data={"api_key": site["tokens"][role], "csrf_token": csrf_field(form.text)},
     )
     assert response.status_code == 303, response.text
     return client
@@ -66,7 +60,7 @@ def test_login_sets_a_strict_httponly_session_cookie_and_lands_by_role(site):
         assert 'name="api_key"' in form.text and '<label for="api_key">' in form.text
         response = client.post(
             "/dashboards/login",
-            data={"api_key": site["tokens"][role], "csrf_token": _csrf(form.text)},
+            data={"api_key": site["tokens"][role], "csrf_token": csrf_field(form.text)},
         )
         assert response.status_code == 303
         assert response.headers["location"] == home
@@ -83,7 +77,7 @@ def test_a_wrong_key_is_refused_and_audited_without_the_key(site):
     form = client.get("/dashboards/login")
     wrong = site["tokens"]["analyst"][:-4] + "abcd"
     response = client.post(
-        "/dashboards/login", data={"api_key": wrong, "csrf_token": _csrf(form.text)}
+        "/dashboards/login", data={"api_key": wrong, "csrf_token": csrf_field(form.text)}
     )
     assert response.status_code == 401
     assert "Unknown or revoked API key" in response.text
@@ -118,7 +112,7 @@ def test_pages_need_a_session(site):
             "/dashboards/login",
             data={
                 "api_key": site["tokens"]["admin"],
-                "csrf_token": _csrf(form.text),
+                "csrf_token": csrf_field(form.text),
                 "next": wanted,
             },
         )
@@ -193,7 +187,7 @@ def test_download_form_streams_the_requested_rows_with_provenance(site):
     response = client.post(
         "/dashboards/analyst/models/clinic-v1/download",
         data={
-            "csrf_token": _csrf(page.text),
+            "csrf_token": csrf_field(page.text),
             "n": "2500",
             "seed": "3",
             "format": "csv",
@@ -225,7 +219,7 @@ def test_download_form_streams_the_requested_rows_with_provenance(site):
 def test_bad_download_fields_re_show_the_form_naming_the_field(site, fields, named):
     client = _login(site, "analyst")
     page = client.get("/dashboards/analyst/models/clinic-v1")
-    data = {"csrf_token": _csrf(page.text), "n": "10", "seed": "0", "format": "csv", **fields}
+    data = {"csrf_token": csrf_field(page.text), "n": "10", "seed": "0", "format": "csv", **fields}
     response = client.post("/dashboards/analyst/models/clinic-v1/download", data=data)
     assert response.status_code == 422
     assert named in response.text.replace("&#39;", "'")
@@ -247,7 +241,8 @@ def test_logout_and_key_revocation_end_the_session(site):
     client = _login(site, "compliance")
     page = client.get("/dashboards/compliance")
     assert (
-        client.post("/dashboards/logout", data={"csrf_token": _csrf(page.text)}).status_code == 303
+        client.post("/dashboards/logout", data={"csrf_token": csrf_field(page.text)}).status_code
+        == 303
     )
     assert client.get("/dashboards/compliance").status_code == 303
 
@@ -256,7 +251,7 @@ def test_logout_and_key_revocation_end_the_session(site):
     info, token = keys.create("compliance")
     client = _browser(site)
     form = client.get("/dashboards/login")
-    client.post("/dashboards/login", data={"api_key": token, "csrf_token": _csrf(form.text)})
+    client.post("/dashboards/login", data={"api_key": token, "csrf_token": csrf_field(form.text)})
     assert client.get("/dashboards/compliance").status_code == 200
     keys.revoke(info.id)
     assert client.get("/dashboards/compliance").status_code == 303
@@ -322,7 +317,9 @@ def test_empty_home_says_what_to_do(tmp_path):
     with dashboards(home) as url:
         client = httpx.Client(base_url=url, timeout=30)
         form = client.get("/dashboards/login")
-        client.post("/dashboards/login", data={"api_key": token, "csrf_token": _csrf(form.text)})
+        client.post(
+            "/dashboards/login", data={"api_key": token, "csrf_token": csrf_field(form.text)}
+        )
         models = client.get("/dashboards/analyst").text
         assert "No model registered yet: run <code>fedsynth demo</code>" in models
         budgets = client.get("/dashboards/compliance").text

