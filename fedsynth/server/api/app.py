@@ -24,9 +24,9 @@ from typing import Annotated, Any, Literal
 import torch
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, status
 from fastapi import Path as PathParam
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 import fedsynth
 from fedsynth.generative.export import iter_encoded
@@ -47,6 +47,8 @@ MEDIA_TYPES = {
 }
 ANALYST, COMPLIANCE, ADMIN = ROLES
 SYNTHETIC_ROWS = 16_384  # rows per streamed chunk
+#: Largest integer a SQLite or PostgreSQL BIGINT column holds (cursors are audit ``seq``).
+MAX_INT64 = 2**63 - 1
 # Module level: FastAPI resolves the route annotations against this module's globals.
 _BEARER = HTTPBearer(auto_error=False)
 
@@ -56,6 +58,30 @@ _BEARER = HTTPBearer(auto_error=False)
 
 class _Out(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class ErrorOut(_Out):
+    """The body of every refusal but 422: what went wrong and what to do."""
+
+    detail: str = Field(examples=["missing API key: send Authorization: Bearer <key>"])
+
+
+def _not_a_number(value: object) -> object:
+    """Refuse a number where the document says date-time.
+
+    Pydantic alone reads ``until=0.5`` as 0.5 s after 1970: the OpenAPI document declares
+    ``format: date-time`` (RFC 3339 text), and a client sending a number means something else.
+    """
+    if isinstance(value, str):
+        try:
+            float(value)
+        except ValueError:
+            return value  # pydantic parses (and names the field if it cannot)
+        raise ValueError(f"expected an RFC 3339 date-time (2024-05-01T12:00:00Z), got {value!r}")
+    return value
+
+
+IsoDateTime = Annotated[datetime, BeforeValidator(_not_a_number)]
 
 
 class Health(_Out):
@@ -146,6 +172,57 @@ class KeyCreated(KeyOut):
     key: str = Field(description="The bearer token; shown once, never stored")
 
 
+# ---------------------------------------------------------------------------- responses
+
+_HEADER = {"schema": {"type": "string"}}
+_ERRORS: dict[int, dict[str, Any]] = {
+    400: {"model": ErrorOut, "description": "The body is not UTF-8 JSON"},
+    401: {
+        "model": ErrorOut,
+        "description": "No key, or an unknown or revoked one",
+        "headers": {"WWW-Authenticate": {**_HEADER, "required": True}},
+    },
+    403: {"model": ErrorOut, "description": "The key's role may not use this route"},
+    404: {"model": ErrorOut, "description": "Not found, or outside the key's federations"},
+    500: {
+        "model": ErrorOut,
+        "description": "The model's files failed their signature or integrity check: "
+        "refused, and audited as model_refused",
+    },
+    429: {
+        "model": ErrorOut,
+        "description": "Too many failed authentications from this client",
+        "headers": {
+            "Retry-After": {
+                "schema": {"type": "integer", "minimum": 1},
+                "required": True,
+                "description": "Seconds until this client may try again",
+            }
+        },
+    },
+}
+
+
+def _refusals(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI responses for refusals ``codes`` (401 and 429 come with every key check)."""
+    return {code: _ERRORS[code] for code in sorted({401, 429, *codes})}
+
+
+_PROVENANCE_HEADERS = {
+    "Content-Disposition": _HEADER,
+    **{
+        f"X-Fedsynth-{name}": {**_HEADER, "required": True, "description": text}
+        for name, text in (
+            ("Model", "Model id"),
+            ("Model-Version", "Model version"),
+            ("Epsilon", "Largest epsilon spent by a contributing node; inf: no DP"),
+            ("Delta", "Delta of the DP guarantee"),
+            ("Label", "Always `synthetic`"),
+        )
+    },
+}
+
+
 # ---------------------------------------------------------------------------- the app
 
 
@@ -164,16 +241,22 @@ class Services:
         self._lock = threading.Lock()
 
     def model(self, model_id: str) -> SynthModel:
+        """The verified model (loaded once); a refusal is audited and raises RegistryError."""
         with self._lock:
             if model_id not in self._models:
-                try:
-                    self._models[model_id] = self.registry.load(model_id)
-                except RegistryError as exc:
-                    self.audit.append(
-                        "model_refused", "api", {"model": model_id, "reason": str(exc)}
-                    )
-                    raise
+                self._models[model_id] = self._verified(model_id, self.registry.load)
             return self._models[model_id]
+
+    def manifest(self, model_id: str) -> dict[str, Any]:
+        """The signed manifest, re-read and checked; a refusal is audited as in ``model``."""
+        return self._verified(model_id, self.registry.manifest)
+
+    def _verified(self, model_id: str, read: Callable[[str], Any]) -> Any:
+        try:
+            return read(model_id)
+        except RegistryError as exc:  # the reason names files and checks, never key bytes
+            self.audit.append("model_refused", "api", {"model": model_id, "reason": str(exc)})
+            raise
 
     def authenticate(self, token: str, client: str, where: dict[str, str]) -> Principal | None:
         """Check a bearer key; a failure is audited (with the key id, never the key) and
@@ -212,7 +295,15 @@ class Services:
         if body.n > self.max_rows:
             raise HTTPException(
                 status.HTTP_422_UNPROCESSABLE_CONTENT,
-                [{"loc": ["body", "n"], "msg": f"at most {self.max_rows} rows per request"}],
+                [
+                    {
+                        "type": "less_than_equal",
+                        "loc": ["body", "n"],
+                        "msg": f"at most {self.max_rows} rows per request",
+                        "input": body.n,
+                        "ctx": {"le": self.max_rows},
+                    }
+                ],
             )
         model = self.model(model_id)
         conditions = dict(body.conditions or {})
@@ -222,7 +313,14 @@ class Services:
             except (KeyError, ValueError) as exc:
                 raise HTTPException(
                     status.HTTP_422_UNPROCESSABLE_CONTENT,
-                    [{"loc": ["body", "conditions", column], "msg": str(exc).strip("'\"")}],
+                    [
+                        {
+                            "type": "value_error",
+                            "loc": ["body", "conditions", column],
+                            "msg": str(exc).strip("'\""),
+                            "input": value,
+                        }
+                    ],
                 ) from None
         provenance = _provenance(version)
         chunks = model.iter_samples(
@@ -314,6 +412,13 @@ def create_app(
     )
     app.state.services = services
 
+    @app.exception_handler(RegistryError)
+    def refused(request: Request, exc: RegistryError) -> JSONResponse:
+        # Audited where it was raised (Services.model / manifest); no server paths here.
+        model_id = request.path_params.get("model_id", "")
+        detail = f"model {model_id!r} failed its signature or integrity check and is refused"
+        return JSONResponse({"detail": f"{detail}; see audit event model_refused"}, 500)
+
     def require(*roles: str) -> Callable[..., Principal]:
         def dependency(
             request: Request,
@@ -365,15 +470,15 @@ def create_app(
     def health() -> Health:
         return Health(version=fedsynth.__version__)
 
-    @app.get("/v1/models", tags=["models"])
+    @app.get("/v1/models", tags=["models"], responses=_refusals())
     def list_models(who: Principal = readers) -> ModelList:
         versions = [v for v in services.registry.list() if who.sees(v.federation)]
         return ModelList(models=[_summary(v) for v in versions])
 
-    @app.get("/v1/models/{model_id}", tags=["models"])
+    @app.get("/v1/models/{model_id}", tags=["models"], responses=_refusals(404, 500))
     def get_model(model_id: str, who: Principal = readers) -> ModelDetail:
         version = services.visible_version(model_id, who)
-        manifest = services.registry.manifest(model_id)
+        manifest = services.manifest(model_id)
         model = services.model(model_id)
         privacy = model.metadata.get("privacy", {})
         return ModelDetail(
@@ -391,34 +496,45 @@ def create_app(
         response_class=StreamingResponse,
         responses={
             200: {
-                "description": "The rows, streamed in chunks",
+                "description": "The rows, streamed in chunks, in the requested `format`",
                 "content": {media: {} for media in MEDIA_TYPES.values()},
+                "headers": _PROVENANCE_HEADERS,
             },
-            422: {"description": "Invalid body or condition; the message names the field"},
+            **_refusals(400, 403, 404, 500),
+        },
+        # After FastAPI's own 422 (which it adds only when no 422 is declared).
+        openapi_extra={
+            "responses": {
+                "422": {"description": "Invalid body or condition; `loc` names the field"}
+            }
         },
     )
     def sample(model_id: str, body: SampleRequest, who: Principal = analysts) -> StreamingResponse:
         return services.samples(model_id, body, who)
 
-    @app.get("/v1/privacy/budgets", tags=["privacy"])
+    @app.get("/v1/privacy/budgets", tags=["privacy"], responses=_refusals(403))
     def list_budgets(who: Principal = officers) -> BudgetList:
         return BudgetList(budgets=[b for b in budgets(services.db) if who.sees(b.federation)])
 
-    @app.get("/v1/privacy/budgets/{federation}/{node}", tags=["privacy"])
+    @app.get(
+        "/v1/privacy/budgets/{federation}/{node}", tags=["privacy"], responses=_refusals(403, 404)
+    )
     def budget_history(federation: str, node: str, who: Principal = officers) -> BudgetHistory:
         found = history(services.db, federation, node) if who.sees(federation) else None
         if found is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"no node {node!r} in {federation!r}")
         return found
 
-    @app.get("/v1/audit", tags=["audit"])
+    @app.get("/v1/audit", tags=["audit"], responses=_refusals(403))
     def audit(
         who: Principal = officers,
-        since: datetime | None = None,
-        until: datetime | None = None,
+        since: IsoDateTime | None = None,
+        until: IsoDateTime | None = None,
         event_type: str | None = None,
         actor: str | None = None,
-        cursor: Annotated[int, Query(ge=0, description="`next_cursor` of the previous page")] = 0,
+        cursor: Annotated[
+            int, Query(ge=0, le=MAX_INT64, description="`next_cursor` of the previous page")
+        ] = 0,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     ) -> AuditPage:
         return services.audit_page(
@@ -431,43 +547,54 @@ def create_app(
             limit=limit,
         )
 
-    @app.get("/v1/audit/verify", tags=["audit"])
+    @app.get("/v1/audit/verify", tags=["audit"], responses=_refusals(403))
     def verify(who: Principal = officers) -> ChainOut:
         result = services.audit.verify()
         return ChainOut(
             ok=result.ok, checked=result.checked, first_bad=result.first_bad, reason=result.reason
         )
 
-    @app.get("/v1/audit/export", tags=["audit"], response_class=StreamingResponse)
+    @app.get(
+        "/v1/audit/export",
+        tags=["audit"],
+        response_class=StreamingResponse,
+        responses={
+            200: {
+                "description": "The trail, streamed in the requested `format`",
+                "content": {MEDIA_TYPES[f]: {} for f in ("csv", "ndjson")},
+            },
+            **_refusals(403),
+        },
+    )
     def export(
         who: Principal = officers,
         format: Literal["csv", "ndjson"] = "ndjson",
     ) -> StreamingResponse:
         return services.audit_export(who, format)
 
-    @app.post("/v1/keys", tags=["keys"], status_code=status.HTTP_201_CREATED)
+    @app.post(
+        "/v1/keys",
+        tags=["keys"],
+        status_code=status.HTTP_201_CREATED,
+        responses=_refusals(400, 403),
+    )
     def create_key(body: KeyCreate, who: Principal = admins) -> KeyCreated:
-        info, token = services.keys.create(body.role, body.federations, body.label)
-        services.audit.append(
-            "key_created",
-            f"key:{who.key_id}",
-            {"key": info.id, "role": info.role, "federations": info.federations},
-        )
+        audit = (services.audit, f"key:{who.key_id}")  # key and event: one transaction
+        info, token = services.keys.create(body.role, body.federations, body.label, audit=audit)
         return KeyCreated(**_key(info).model_dump(), key=token)
 
-    @app.get("/v1/keys", tags=["keys"])
+    @app.get("/v1/keys", tags=["keys"], responses=_refusals(403))
     def list_keys(who: Principal = admins) -> list[KeyOut]:
         return [_key(k) for k in services.keys.list()]
 
-    @app.delete("/v1/keys/{key_id}", tags=["keys"])
+    @app.delete("/v1/keys/{key_id}", tags=["keys"], responses=_refusals(403, 404))
     def revoke_key(
         key_id: Annotated[str, PathParam(max_length=32)], who: Principal = admins
     ) -> KeyOut:
         try:
-            info = services.keys.revoke(key_id)
+            info = services.keys.revoke(key_id, audit=(services.audit, f"key:{who.key_id}"))
         except ApiKeyError as exc:
             raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
-        services.audit.append("key_revoked", f"key:{who.key_id}", {"key": key_id})
         return _key(info)
 
     return app

@@ -18,7 +18,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
+from fedsynth.server.audit import AuditLog
 from fedsynth.server.records import ROLES, ApiKey, Database, utcnow
 
 PREFIX = "fsk"
@@ -59,34 +61,60 @@ class KeyStore:
         self.db = db
 
     def create(
-        self, role: str, federations: Sequence[str] | None = None, label: str = ""
+        self,
+        role: str,
+        federations: Sequence[str] | None = None,
+        label: str = "",
+        *,
+        audit: tuple[AuditLog, str] | None = None,
     ) -> tuple[KeyInfo, str]:
-        """A new key; returns its info and the token, which is never shown again."""
+        """A new key; returns its info and the token, which is never shown again.
+
+        With ``audit`` (the log of this store's database, and the actor), the key and its
+        ``key_created`` event are stored in one transaction: a crash leaves both or neither.
+        """
         if role not in ROLES:
             raise ApiKeyError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
         key_id = secrets.token_hex(6)
         secret = secrets.token_urlsafe(32)
         scope = sorted(set(federations)) if federations else None
-        with self.db.session() as s:
-            row = ApiKey(
-                id=key_id,
-                secret_sha256=_digest(secret),
-                role=role,
-                federations_json=json.dumps(scope) if scope else None,
-                label=label[:200],
-                created_at=utcnow(),
-            )
-            s.add(row)
+        row = ApiKey(
+            id=key_id,
+            secret_sha256=_digest(secret),
+            role=role,
+            federations_json=json.dumps(scope) if scope else None,
+            label=label[:200],
+            created_at=utcnow(),
+        )
+        if audit is None:
+            with self.db.session() as s:
+                s.add(row)
+        else:
+            log, actor = audit
+            payload = {"key": key_id, "role": role, "federations": scope}
+            log.append("key_created", actor, payload, also=lambda s: s.add(row))
         return _info(row), f"{PREFIX}_{key_id}_{secret}"
 
-    def revoke(self, key_id: str) -> KeyInfo:
-        with self.db.session() as s:
+    def revoke(self, key_id: str, *, audit: tuple[AuditLog, str] | None = None) -> KeyInfo:
+        """Revoke ``key_id`` (again: no change); with ``audit``, in one transaction with
+        its ``key_revoked`` event."""
+        revoked: list[KeyInfo] = []
+
+        def write(s: Session) -> None:
             row = s.get(ApiKey, key_id)
             if row is None:
                 raise ApiKeyError(f"no key with id {key_id!r}")
             if row.revoked_at is None:
                 row.revoked_at = utcnow()
-            return _info(row)
+            revoked.append(_info(row))
+
+        if audit is None:
+            with self.db.session() as s:
+                write(s)
+        else:
+            log, actor = audit
+            log.append("key_revoked", actor, {"key": key_id}, also=write)
+        return revoked[-1]
 
     def list(self) -> list[KeyInfo]:
         with self.db.session() as s:
