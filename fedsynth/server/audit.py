@@ -11,6 +11,10 @@ database one transaction that reads the last entry and inserts the next ``seq`` 
 begun with ``BEGIN IMMEDIATE``, so two processes cannot read the same last entry). ``seq``
 is the primary key: a lost race on another backend fails loudly and is retried.
 
+An append that the database refuses (disk full, read-only file, server gone) raises
+:class:`AuditWriteError` naming the database and the driver's reason; the transaction is
+rolled back, so the chain never holds a partial entry.
+
 Payloads are stored as given. Never put secrets (API keys, key material, rows) in a payload:
 keeping them out is the caller's job, and the log is readable by compliance officers.
 """
@@ -22,12 +26,14 @@ import json
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import func, select
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
+from sqlalchemy.orm import Session
 
 from fedsynth.server.records import AuditEvent, Database
 
@@ -36,6 +42,10 @@ APPEND_ATTEMPTS = 8
 MAX_EVENTS = 1000
 
 _APPEND_LOCK = threading.Lock()
+
+
+class AuditWriteError(RuntimeError):
+    """The database refused an audit event; nothing of it was stored."""
 
 
 @dataclass(frozen=True)
@@ -63,8 +73,20 @@ class AuditLog:
     def __init__(self, db: Database) -> None:
         self._db = db
 
-    def append(self, event_type: str, actor: str, payload: dict[str, Any]) -> AuditEntry:
-        """Add one event at the end of the chain and return it as stored."""
+    def append(
+        self,
+        event_type: str,
+        actor: str,
+        payload: dict[str, Any],
+        *,
+        also: Callable[[Session], None] | None = None,
+    ) -> AuditEntry:
+        """Add one event at the end of the chain and return it as stored.
+
+        ``also`` writes the change the event records (say, a new API key) in the same
+        transaction, so that a crash leaves both or neither. It may run more than once (a
+        retried transaction) and may raise to refuse: then nothing is written.
+        """
         if not event_type or not actor:
             raise ValueError("an audit event needs a non-empty event_type and actor")
         if not isinstance(payload, dict):
@@ -74,16 +96,30 @@ class AuditLog:
         with _APPEND_LOCK:
             for attempt in range(APPEND_ATTEMPTS):
                 try:
-                    return self._append_once(event_type, actor, payload_json)
-                except (IntegrityError, OperationalError) as exc:
-                    retry = isinstance(exc, IntegrityError) or "locked" in str(exc.orig).lower()
+                    return self._append_once(event_type, actor, payload_json, also)
+                except SQLAlchemyError as exc:
+                    reason = str(getattr(exc, "orig", None) or type(exc).__name__)
+                    retry = isinstance(exc, IntegrityError) or (
+                        isinstance(exc, OperationalError) and "locked" in reason.lower()
+                    )
                     if not retry or attempt == APPEND_ATTEMPTS - 1:
-                        raise
+                        raise AuditWriteError(
+                            f"audit log: cannot append a {event_type!r} event to {self._db!r} "
+                            f"({reason}); nothing was written and the chain is unchanged"
+                        ) from exc
                     time.sleep(0.01 * 2**attempt)
         raise AssertionError("unreachable")
 
-    def _append_once(self, event_type: str, actor: str, payload_json: str) -> AuditEntry:
+    def _append_once(
+        self,
+        event_type: str,
+        actor: str,
+        payload_json: str,
+        also: Callable[[Session], None] | None,
+    ) -> AuditEntry:
         with self._db.session(immediate=True) as session:
+            if also is not None:
+                also(session)
             last = session.execute(
                 select(AuditEvent.seq, AuditEvent.hash).order_by(AuditEvent.seq.desc()).limit(1)
             ).first()

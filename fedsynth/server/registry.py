@@ -13,8 +13,11 @@ weights on disk should be useless to whoever copies the disk. A version is a dir
 :meth:`ModelRegistry.load` returns a model only if the signature verifies, the manifest
 names the requested id, every file decrypts and every digest matches: one flipped byte
 anywhere is refused with :class:`RegistryError`. A version appears whole or not at all: it
-is written to a staging directory and renamed into place. Checkpoints of the global weights
-per round use the same format under ``root/<federation>/checkpoints/run<id>/round<r>/``.
+is written to a staging directory and renamed into place, then recorded in the database; if
+a write fails (disk full, read-only registry, database error) the version's files are
+removed and :class:`RegistryError` names the path or database and the operating system's
+reason. Checkpoints of the global weights per round use the same format under
+``root/<federation>/checkpoints/run<id>/round<r>/``.
 
 The registry writes no audit events: the caller does, so that it can name the actor.
 """
@@ -41,7 +44,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as load_arrays
 from safetensors.numpy import save as save_arrays
 from sqlalchemy import func, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from fedsynth.files import fsync_directory
 from fedsynth.generative.model import ModelFileError, SynthModel
@@ -60,8 +63,13 @@ _ROUND_DIR = re.compile(r"^round(\d+)$")
 _REGISTER_LOCK = threading.Lock()
 
 
+class _VersionTaken(Exception):
+    """Another writer renamed its version into the same place first."""
+
+
 class RegistryError(ValueError):
-    """A model version or checkpoint is unknown, missing, unsigned, altered or undecryptable."""
+    """A model version or checkpoint is unknown, missing, unsigned, altered or undecryptable,
+    or could not be written (the message names the path and the reason)."""
 
 
 @dataclass(frozen=True)
@@ -113,10 +121,7 @@ class ModelRegistry:
         deltas = [p["delta"] for p in privacy.values()]
         epsilon = max(epsilons) if epsilons else None
         delta = max(deltas) if deltas else float(model.metadata.get("privacy", {}).get("delta", 0))
-        try:
-            self._check_records(federation, sector, run_id)
-        except IntegrityError:  # another process created the federation's row just now
-            self._check_records(federation, sector, run_id)
+        self._check_records(federation, sector, run_id)
         with tempfile.TemporaryDirectory(prefix="fedsynth-register-") as plain:
             model.save(plain)
             files = {p.name: p.read_bytes() for p in sorted(Path(plain).iterdir()) if p.is_file()}
@@ -143,7 +148,7 @@ class ModelRegistry:
                 final = self.root / federation / f"v{version}"
                 try:
                     manifest_text = self._publish(final, model_id, manifest, files)
-                except FileExistsError:
+                except _VersionTaken:
                     continue  # another process took this version number first
                 record = ModelVersionRecord(
                     id=model_id,
@@ -161,12 +166,28 @@ class ModelRegistry:
                 )
                 try:
                     with self.db.session() as session:
+                        # Created with the version, so a failed registration leaves no row.
+                        row = session.get(Federation, federation)
+                        if row is None:
+                            session.add(Federation(name=federation, sector=sector, spec_json="{}"))
+                            session.flush()
+                        elif row.sector != sector:  # created by another process just now
+                            raise RegistryError(
+                                f"federation {federation}: sector is {row.sector!r} in the "
+                                f"database, not {sector!r}"
+                            )
                         session.add(record)
-                except IntegrityError:
+                except IntegrityError:  # a version number, or the federation, taken just now
                     shutil.rmtree(final, ignore_errors=True)
                     if attempt == REGISTER_ATTEMPTS - 1:
                         raise
                     continue
+                except SQLAlchemyError as exc:  # e.g. the database's disk is full
+                    shutil.rmtree(final, ignore_errors=True)
+                    raise RegistryError(
+                        f"model {model_id}: cannot record the version in {self.db!r} "
+                        f"({_db_reason(exc)}); its files were removed, nothing was registered"
+                    ) from exc
                 except BaseException:
                     shutil.rmtree(final, ignore_errors=True)
                     raise
@@ -250,9 +271,17 @@ class ModelRegistry:
         if not rounds:
             return None
         latest = max(rounds)
-        checkpoint_id = _checkpoint_id(federation, run_id, latest)
+        return latest, self.load_checkpoint(federation, run_id, latest)
+
+    def load_checkpoint(
+        self, federation: str, run_id: int, round: int
+    ) -> builtins.list[np.ndarray]:
+        """The weights checkpointed after ``round`` of this run, verified and decrypted."""
+        _check_name(federation, "federation")
+        directory = self._checkpoint_dir(federation, run_id)
+        checkpoint_id = _checkpoint_id(federation, run_id, round)
         label = f"checkpoint {checkpoint_id}"
-        _, files = self._read_verified(directory / f"round{latest}", checkpoint_id, label)
+        _, files = self._read_verified(directory / f"round{round}", checkpoint_id, label)
         try:
             tensors = load_arrays(files[CHECKPOINT_FILE])
         except (KeyError, SafetensorError) as exc:
@@ -260,7 +289,7 @@ class ModelRegistry:
         keys = sorted(tensors, key=int)
         if keys != [f"{i:04d}" for i in range(len(keys))]:
             raise RegistryError(f"{label}: tensor names are not 0000, 0001, ... in order")
-        return latest, [tensors[k] for k in keys]
+        return [tensors[k] for k in keys]
 
     # ------------------------------------------------------------------ internals
     def _checkpoint_dir(self, federation: str, run_id: int) -> Path:
@@ -281,11 +310,11 @@ class ModelRegistry:
         )
 
     def _check_records(self, federation: str, sector: str, run_id: int | None) -> None:
+        """Refuse a sector that contradicts the federation's row, or an unknown run (reads
+        only: nothing is written before the version's files are in place)."""
         with self.db.session() as session:
             row = session.get(Federation, federation)
-            if row is None:
-                session.add(Federation(name=federation, sector=sector, spec_json="{}"))
-            elif row.sector != sector:
+            if row is not None and row.sector != sector:
                 raise RegistryError(
                     f"federation {federation}: sector is {row.sector!r} in the database, "
                     f"not {sector!r}"
@@ -317,32 +346,55 @@ class ModelRegistry:
     ) -> str:
         """Encrypt, sign and rename into ``final``; return the manifest text.
 
-        Raises FileExistsError if ``final`` exists, unless it is a checkpoint (replaced).
+        Raises _VersionTaken if ``final`` exists, unless it is a checkpoint (replaced), and
+        RegistryError naming the path if a write fails; then nothing new is left under
+        ``final.parent`` (a replaced checkpoint is put back).
         """
+        checkpoint = manifest["kind"] == "checkpoint"
+        label = f"{'checkpoint' if checkpoint else 'model'} {item_id}"
         manifest = dict(manifest, files={n: _sha256(d) for n, d in sorted(files.items())})
         manifest_bytes = _canonical(manifest)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".staging-{final.name}-", dir=final.parent))
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".staging-{final.name}-", dir=final.parent))
+        except OSError as exc:
+            raise _unwritable(label, exc, final.parent) from exc
+        path, published = staging, False
         try:
             for name, data in files.items():
                 aad = f"{item_id}/{name}".encode()
-                _write(staging / f"{name}.enc", self.keys.encrypt(data, aad))
-            _write(staging / MANIFEST_FILE, manifest_bytes)
-            _write(staging / SIGNATURE_FILE, self.keys.sign(manifest_bytes))
+                path = staging / f"{name}.enc"
+                _write(path, self.keys.encrypt(data, aad))
+            path = staging / MANIFEST_FILE
+            _write(path, manifest_bytes)
+            path = staging / SIGNATURE_FILE
+            _write(path, self.keys.sign(manifest_bytes))
+            path = final
             fsync_directory(staging)
-            if manifest["kind"] == "checkpoint" and final.exists():
+            if checkpoint and final.exists():
                 old = Path(tempfile.mkdtemp(prefix=f".old-{final.name}-", dir=final.parent))
                 os.replace(final, old)
-                os.replace(staging, final)
+                try:
+                    os.replace(staging, final)
+                except OSError:
+                    os.replace(old, final)
+                    raise
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 try:
                     os.rename(staging, final)
                 except OSError as exc:
                     if final.exists():
-                        raise FileExistsError(str(final)) from exc
+                        raise _VersionTaken(str(final)) from exc
                     raise
+            published = True
             fsync_directory(final.parent)
+        except OSError as exc:
+            if published and not checkpoint:
+                shutil.rmtree(final, ignore_errors=True)
+            # A failed write names the staging file: say where it was going instead.
+            where = final / path.name if path.parent == staging else path
+            raise _unwritable(label, exc, where) from exc
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return manifest_bytes.decode("utf-8")
@@ -451,6 +503,21 @@ def _read(path: Path, label: str) -> bytes:
         raise RegistryError(f"{label}: {path} is missing") from None
     except OSError as exc:
         raise RegistryError(f"{label}: cannot read {path} ({exc.strerror})") from None
+
+
+def _unwritable(label: str, exc: OSError, where: Path) -> RegistryError:
+    """The error for a failed registry write: the path, the OS's reason, the likely cause."""
+    reason = exc.strerror or type(exc).__name__
+    return RegistryError(
+        f"{label}: cannot write {where} ({reason}, errno {exc.errno}): is the disk full or "
+        "the registry read-only? Nothing was stored"
+    )
+
+
+def _db_reason(exc: SQLAlchemyError) -> str:
+    """The database driver's message without SQLAlchemy's statement and parameters."""
+    orig = getattr(exc, "orig", None)
+    return str(orig) if orig is not None else type(exc).__name__
 
 
 def _write(path: Path, data: bytes) -> None:
