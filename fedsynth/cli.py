@@ -60,8 +60,8 @@ def train(
 ) -> None:
     """Train the spec's GAN or VAE on one local table with DP-SGD (no federation)."""
     from fedsynth.generative.spec import SpecError, load_spec, parse_spec
-    from fedsynth.generative.table import TableError, read_table, validate_table
-    from fedsynth.generative.training import TrainingError
+    from fedsynth.generative.table import TableError, load_table
+    from fedsynth.generative.training import TrainingError, check_rows
     from fedsynth.generative.training import train as train_model
 
     try:
@@ -73,8 +73,10 @@ def train(
             if seed is not None:
                 raw["training"]["seed"] = seed
             loaded = parse_spec(raw, source=f"{spec.name} (with overrides)")
-        frame = validate_table(read_table(data), loaded.schema)
-    except (SpecError, TableError) as exc:
+        # streamed: the table is checked block by block and only typed columns are kept
+        frame = load_table(data, loaded.schema)
+        check_rows(len(frame), loaded)  # e.g. privacy.delta against 1/rows, before training
+    except (SpecError, TableError, TrainingError) as exc:
         raise _fail(str(exc)) from None
 
     console.print(
@@ -170,12 +172,12 @@ def report(
     """Quality report: fidelity (column shapes, pair trends), utility (TSTR), privacy (DCR)."""
     from fedsynth.generative import quality
     from fedsynth.generative.model import ModelFileError, SynthModel
-    from fedsynth.generative.table import TableError, read_table, validate_table
+    from fedsynth.generative.table import TableError, load_table
 
     try:
         loaded = SynthModel.load(model)
-        train_rows = validate_table(read_table(real), loaded.schema)
-        held = validate_table(read_table(holdout), loaded.schema) if holdout else None
+        train_rows = load_table(real, loaded.schema)
+        held = load_table(holdout, loaded.schema) if holdout else None
     except (ModelFileError, TableError) as exc:
         raise _fail(str(exc)) from None
     synthetic = loaded.sample(rows or len(train_rows), seed=seed)
@@ -367,12 +369,17 @@ def models_list(
 
 @models_app.command("show")
 def models_show(model_id: Annotated[str, typer.Argument(help="e.g. bank-v1")]) -> None:
-    """A model version's signed manifest (signature checked) as JSON."""
+    """A model version's signed manifest (signature checked) as JSON; a refusal is audited."""
+    from fedsynth.server.audit import AuditLog
     from fedsynth.server.registry import RegistryError
 
+    registry = _registry()
     try:
-        manifest = _registry().manifest(model_id)
+        manifest = registry.manifest(model_id)
     except RegistryError as exc:
+        AuditLog(registry.db).append(
+            "model_refused", "cli", {"model": model_id, "reason": str(exc)}
+        )
         raise _fail(str(exc)) from None
     sys.stdout.write(json.dumps(manifest, indent=2, default=str) + "\n")
 
@@ -483,12 +490,9 @@ def keys_create(
 
     keys, audit = _api_keys()
     try:
-        info, token = keys.create(role, federation, label)
+        info, token = keys.create(role, federation, label, audit=(audit, "cli"))
     except ApiKeyError as exc:
         raise _fail(str(exc)) from None
-    audit.append(
-        "key_created", "cli", {"key": info.id, "role": info.role, "federations": info.federations}
-    )
     console.print(f"key {info.id} ({info.role}); store it now, it is not shown again:")
     sys.stdout.write(token + "\n")
 
@@ -500,10 +504,9 @@ def keys_revoke(key_id: Annotated[str, typer.Argument(help="The key id (not the 
 
     keys, audit = _api_keys()
     try:
-        keys.revoke(key_id)
+        keys.revoke(key_id, audit=(audit, "cli"))
     except ApiKeyError as exc:
         raise _fail(str(exc)) from None
-    audit.append("key_revoked", "cli", {"key": key_id})
     Console().print(f"key {key_id} revoked")
 
 

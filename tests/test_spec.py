@@ -5,7 +5,7 @@ import math
 import pytest
 
 from fedsynth.generative.spec import SpecError, load_spec, parse_spec
-from tests.factories import small_spec_dict
+from tests.factories import FEDERATIONS, small_spec_dict
 
 
 def _error(raw: dict) -> str:
@@ -54,7 +54,15 @@ def test_a_valid_spec_loads_with_its_schema():
             lambda r: r["columns"][4].update(type="text"),
             "columns[4] (visits).type: Input should be",
         ),
-        (lambda r: r["columns"].append(dict(r["columns"][3])), "duplicate column names: ['age']"),
+        (
+            lambda r: r["columns"].append(dict(r["columns"][3])),
+            "columns: duplicate column names: ['age'] (at columns[3], columns[8])",
+        ),
+        (
+            lambda r: r["privacy"].update(target_epsilon=float("nan")),
+            "privacy.target_epsilon: must be greater than 0",
+        ),
+        (lambda r: r["privacy"].update(delta=0), "privacy.delta: Input should be greater than 0"),
         (
             lambda r: r["training"].update(epochs=3),
             "set exactly one of training.epochs and training.steps",
@@ -96,9 +104,31 @@ def test_file_level_errors_name_the_file(tmp_path):
         load_spec(tmp_path / "missing.toml")
     bad = tmp_path / "bad.toml"
     bad.write_text('[model]\nkind = "gan"\nkind = "vae"\n')
-    with pytest.raises(SpecError, match=r"bad.toml: invalid TOML"):
+    with pytest.raises(SpecError, match=r"bad.toml: invalid TOML: .*\(at line 3, column 13\)"):
         load_spec(bad)
     latin = tmp_path / "latin.toml"
     latin.write_bytes("[federation]\nname = 'caf\xe9'\n".encode("latin-1"))
     with pytest.raises(SpecError, match="not UTF-8"):
         load_spec(latin)
+
+
+def test_a_file_with_an_unknown_model_kind_names_the_file_and_the_key(tmp_path):
+    spec = tmp_path / "bank.toml"
+    spec.write_text(
+        (FEDERATIONS / "bank.toml").read_text().replace('kind = "gan"', 'kind = "ddpm"')
+    )
+    with pytest.raises(SpecError) as caught:
+        load_spec(spec)
+    assert str(caught.value) == "bank.toml: model.kind: Input should be 'gan' or 'vae'"
+
+
+def test_delta_must_be_below_one_over_the_rows():
+    spec = parse_spec(small_spec_dict())  # delta 1e-4
+    assert spec.rows_problem(9_999) is None
+    assert spec.rows_problem(10_000) == (
+        "privacy.delta = 0.0001 must be below 1/rows = 0.0001 (10000 rows); a larger delta "
+        "allows releasing a whole row"
+    )
+    assert spec.rows_problem(1) == "need at least 2 rows to train, got 1"
+    raw = small_spec_dict(epsilon=math.inf)
+    assert parse_spec(raw).rows_problem(10_000) is None  # no DP, no delta

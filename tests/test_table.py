@@ -10,7 +10,14 @@ import pandas as pd
 import pytest
 
 from fedsynth.generative.schema import Schema
-from fedsynth.generative.table import TableError, read_table, validate_table
+from fedsynth.generative.table import (
+    TableError,
+    check_table,
+    load_table,
+    read_table,
+    validate_table,
+)
+from fedsynth.generative.tablefile import TableFile
 
 SCHEMA = Schema(
     columns=[
@@ -399,3 +406,144 @@ def test_csv_named_parquet_is_corrupt(tmp_path: Path) -> None:
 
 def test_table_error_is_a_value_error() -> None:
     assert issubclass(TableError, ValueError)
+
+
+# --- streamed validation (check_table, load_table) ---------------------------------------
+
+
+def _text_table(n: int) -> pd.DataFrame:
+    """``n`` valid rows for SCHEMA, as text (what a CSV holds)."""
+    rng = np.random.default_rng(7)
+    return pd.DataFrame(
+        {
+            "customer_id": [str(i) for i in range(n)],
+            "default": rng.choice(["No", "Yes"], n),
+            "grade": rng.choice(["A", "B", "1", ""], n),
+            "balance": [f"{x:.2f}" for x in rng.uniform(0, 3000, n)],
+            "age": [str(a) for a in rng.integers(18, 101, n)],
+            "student": rng.choice(["yes", "no", ""], n),
+            "opened": [str(d.date()) for d in pd.Timestamp("2015-01-01") + pd.to_timedelta(
+                rng.integers(0, 365, n), unit="D")],
+        }
+    )  # fmt: skip
+
+
+def _with_problems(df: pd.DataFrame) -> pd.DataFrame:
+    """Problems spread over the table (0-based positions; data rows are one more)."""
+    df = df.copy()
+    df.loc[[6, 2499, 4998], "balance"] = ["3001", "9999.5", "3000.01"]
+    df.loc[9, "balance"] = ""
+    df.loc[[1199, 3332], "default"] = ["Maybe", "maybe"]
+    df.loc[3999, "age"] = "forty"
+    df.loc[4997, "opened"] = "2014-12-31"
+    return df
+
+
+def _problems(error: TableError) -> list[tuple]:
+    return [(p.column, p.kind, p.rows, p.count, p.sample, p.message) for p in error.problems]
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_streamed_check_reports_what_the_in_memory_check_reports(
+    tmp_path: Path, suffix: str
+) -> None:
+    df = _with_problems(_text_table(5000))
+    path = tmp_path / f"t{suffix}"
+    if suffix == ".csv":
+        df.to_csv(path, index=False)
+    else:
+        df.to_parquet(path, row_group_size=700)
+    with TableFile(path, block_bytes=4096) as source:
+        assert sum(1 for _ in source.batches()) >= 8  # the problems lie in different blocks
+    with pytest.raises(TableError) as in_memory:
+        validate_table(read_table(path), SCHEMA)
+    with pytest.raises(TableError) as streamed:
+        check_table(path, SCHEMA, block_bytes=4096)
+    assert _problems(streamed.value) == _problems(in_memory.value)
+    assert str(streamed.value) == str(in_memory.value)
+    text = str(streamed.value)
+    assert "column 'balance': 3 values above max 3000.0 at rows 7, 2500, 4999 (e.g. 3001)" in text
+    assert "column 'balance': 1 null value (the column is not nullable) at row 10" in text
+    assert "column 'default': 2 values not among the declared categories at rows 1200, 3333" in text
+    assert "column 'age': 1 value of the wrong type (not a whole number) at row 4000" in text
+    assert "column 'opened': 1 value before min 2015-01-01 at row 4998" in text
+
+
+def test_streamed_check_lists_the_first_rows_over_all_blocks(tmp_path: Path) -> None:
+    df = _text_table(3000)
+    df.loc[[5, 1501, 2998, 2999], "age"] = "17"
+    df.loc[range(100, 3000, 100), "age"] = "101"  # 29 rows, one every ~2 blocks
+    path = tmp_path / "t.csv"
+    df.to_csv(path, index=False)
+    with pytest.raises(TableError) as info:
+        check_table(path, SCHEMA, block_bytes=4096)
+    below, above = info.value.problems
+    assert (below.kind, below.rows, below.count) == ("below_min", (6, 1502, 2999, 3000), 4)
+    assert (above.kind, above.rows, above.count) == ("above_max", (101, 201, 301, 401, 501), 29)
+
+
+def test_streamed_check_reports_header_problems_and_counts_rows(tmp_path: Path) -> None:
+    path = tmp_path / "t.csv"
+    _text_table(2000).drop(columns=["customer_id"]).assign(extra="x").to_csv(path, index=False)
+    with pytest.raises(TableError) as info:
+        check_table(path, SCHEMA, block_bytes=4096)
+    assert [(p.column, p.kind) for p in info.value.problems] == [
+        ("customer_id", "missing_column"),
+        ("extra", "extra_column"),
+    ]
+    _text_table(2000).to_csv(path, index=False)
+    assert check_table(path, SCHEMA, block_bytes=4096) == 2000
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_load_table_is_the_typed_frame_of_the_whole_file(tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / f"t{suffix}"
+    df = _text_table(3000)
+    if suffix == ".csv":
+        df.to_csv(path, index=False)
+    else:
+        validate_table(df, SCHEMA).assign(customer_id=range(3000)).to_parquet(
+            path, row_group_size=400
+        )
+    loaded = load_table(path, SCHEMA, block_bytes=4096)
+    pd.testing.assert_frame_equal(loaded, validate_table(read_table(path), SCHEMA))
+    assert loaded.index.equals(pd.RangeIndex(3000))
+
+
+def test_a_streamed_file_error_names_the_data_row(tmp_path: Path) -> None:
+    lines = ["a,b"] + ["1,2"] * 5000 + ["3,4,5"] + ["1,2"] * 10
+    path = write(tmp_path / "t.csv", "\n".join(lines) + "\n")
+    schema = Schema(columns=[{"name": n, "type": "integer", "min": 0, "max": 9} for n in "ab"])
+    with pytest.raises(TableError, match="data row 5001: Expected 2 columns, got 3"):
+        check_table(path, schema, block_bytes=4096)
+
+
+def test_non_utf8_byte_deep_in_a_streamed_file_names_offset_and_line(tmp_path: Path) -> None:
+    head = b"name,city\n" + b"Anna,Berlin\n" * 20000
+    path = write(tmp_path / "t.csv", head + "Zoé,Orléans\n".encode("latin-1"))
+    schema = Schema(
+        columns=[{"name": n, "type": "categorical", "categories": ["x"]} for n in ("name", "city")]
+    )
+    with pytest.raises(TableError) as info:
+        check_table(path, schema, block_bytes=4096)
+    offset = len(head) + 2
+    assert f"byte 0xe9 at byte offset {offset} (line 20002)" in str(info.value)
+
+
+def test_quoted_values_may_span_lines(tmp_path: Path) -> None:
+    df = read_table(write(tmp_path / "t.csv", 'a,b\n1,"x\ny"\n2,z\n'))
+    assert df.to_dict("list") == {"a": ["1", "2"], "b": ["x\ny", "z"]}
+
+
+def test_an_unclosed_quote_is_reported(tmp_path: Path) -> None:
+    text = "a,b\n" + "1,2\n" * 3000 + '3,"4\n' + "1,2\n" * 3000
+    schema = Schema(columns=[{"name": n, "type": "integer", "min": 0, "max": 9} for n in "ab"])
+    with pytest.raises(TableError, match="a row longer than the block of 4096 bytes"):
+        check_table(write(tmp_path / "t.csv", text), schema, block_bytes=4096)
+
+
+def test_a_long_bad_value_is_shortened_in_the_message(tmp_path: Path) -> None:
+    df = good_frame().astype({"balance": object})
+    df.loc[1, "balance"] = "x" * 10_000
+    (problem,) = problems_of(df).problems
+    assert problem.sample == repr("x" * 47 + "...")

@@ -108,9 +108,9 @@ def load_rows(config: NodeConfig, spec: FederationSpec) -> pd.DataFrame:
     path = config.data_path
     key = (str(path), path.stat().st_mtime if path.exists() else -1.0, spec.federation.name)
     if key not in _TABLES:
-        from fedsynth.generative.table import read_table, validate_table
+        from fedsynth.generative.table import load_table
 
-        frame = validate_table(read_table(path), spec.schema)
+        frame = load_table(path, spec.schema)  # streamed: checked block by block
         _TABLES.clear()  # one table per worker at a time: bounded memory
         _TABLES[key] = frame
     return _TABLES[key]

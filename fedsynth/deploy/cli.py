@@ -246,10 +246,14 @@ def node_join(
 
 def _check_table(data: Path, spec: Path) -> None:
     from fedsynth.generative.spec import SpecError, load_spec
-    from fedsynth.generative.table import TableError, read_table, validate_table
+    from fedsynth.generative.table import TableError, check_table
 
     try:
-        rows = validate_table(read_table(data), load_spec(spec).schema)
+        loaded = load_spec(spec)
+        rows = check_table(data, loaded.schema)  # streamed: memory bounded by a block
     except (SpecError, TableError) as exc:
         raise _fail(str(exc)) from None
-    console.print(f"{data}: {len(rows):,} rows fit {spec}", markup=False)
+    problem = loaded.rows_problem(rows)  # e.g. privacy.delta against 1/rows
+    if problem is not None:
+        raise _fail(problem)
+    console.print(f"{data}: {rows:,} rows fit {spec}", markup=False)

@@ -142,7 +142,8 @@ class Schema(BaseModel):
         names = [c.name for c in self.columns]
         duplicated = sorted({n for n in names if names.count(n) > 1})
         if duplicated:
-            raise ValueError(f"duplicate column names: {duplicated}")
+            where = ", ".join(f"columns[{i}]" for i, n in enumerate(names) if n in duplicated)
+            raise ValueError(f"duplicate column names: {duplicated} (at {where})")
         targets = [c.name for c in self.columns if c.role is Role.TARGET]
         if len(targets) > 1:
             raise ValueError(f"at most one column may have role 'target', found {targets}")

@@ -153,10 +153,15 @@ class FederationSpec(_Section):
     training: TrainingSection
     secure_aggregation: SecureAggregationSection = SecureAggregationSection()
 
-    @model_validator(mode="after")
-    def _valid_schema(self) -> FederationSpec:
-        Schema(columns=self.columns)  # duplicate names, targets, ...
-        return self
+    @field_validator("columns")
+    @classmethod
+    def _valid_schema(cls, columns: list[Column]) -> list[Column]:
+        try:
+            Schema(columns=columns)  # duplicate names, targets, ...
+        except ValidationError as exc:  # reported under 'columns', not the top level
+            messages = [e["msg"].removeprefix("Value error, ") for e in exc.errors()]
+            raise ValueError("; ".join(messages)) from None
+        return columns
 
     @model_validator(mode="after")
     def _enough_nodes_to_hide_one(self) -> FederationSpec:
@@ -171,6 +176,19 @@ class FederationSpec(_Section):
     @property
     def schema(self) -> Schema:  # type: ignore[override]  # shadows pydantic v1's deprecated .schema()
         return Schema(columns=self.columns)
+
+    def rows_problem(self, n_rows: int) -> str | None:
+        """Why a node cannot train this spec on ``n_rows`` rows, or None. A table is too
+        small below 2 rows; DP needs delta below 1/rows, or it allows releasing a row."""
+        if n_rows < 2:
+            return f"need at least 2 rows to train, got {n_rows}"
+        delta = self.privacy.delta
+        if self.privacy.is_private and delta >= 1.0 / n_rows:
+            return (
+                f"privacy.delta = {delta:g} must be below 1/rows = {1.0 / n_rows:.3g} "
+                f"({n_rows} rows); a larger delta allows releasing a whole row"
+            )
+        return None
 
 
 def _location(spec: dict[str, Any], loc: tuple[int | str, ...]) -> str:

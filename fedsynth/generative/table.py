@@ -1,9 +1,14 @@
 """Reading a user's table and checking it against the declared schema.
 
 :func:`read_table` reads a CSV or Parquet file as it is (CSV: every column as text) and
-:func:`validate_table` checks it against a :class:`~fedsynth.generative.schema.Schema`,
+:func:`validate_table` checks a frame against a :class:`~fedsynth.generative.schema.Schema`,
 returning the *typed frame* the codec expects: the modelled columns only, in schema order,
 with one fixed pandas dtype per column type (see ``TYPED_DTYPES``).
+
+:func:`check_table` does the same checks on a file streamed block by block, so its memory
+is bounded by the block size, not the file size (a node validates a table of any size
+before it trains); :func:`load_table` streams too and keeps the typed blocks. All three
+run the same column checks and report the same problems with the same (absolute) rows.
 
 Every problem found is collected, not just the first, into one :class:`TableError` whose
 message has one line per problem, for example::
@@ -18,11 +23,7 @@ below the header, as a spreadsheet user would count it. All checks are vectorise
 
 from __future__ import annotations
 
-import codecs
-import csv
-import io
 import warnings
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,9 +33,29 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from fedsynth.generative.schema import Column, ColumnType, Schema
+from fedsynth.generative.tablefile import (
+    BLOCK_BYTES,
+    CSV_SUFFIXES,
+    NULL_TOKENS,
+    PARQUET_SUFFIXES,
+    TableError,
+    TableFile,
+)
 
-#: Cell values read as null in CSV files (and in text columns of a frame).
-NULL_TOKENS: tuple[str, ...] = ("", "NA")
+__all__ = [
+    "BLOCK_BYTES",
+    "CSV_SUFFIXES",
+    "NULL_TOKENS",
+    "PARQUET_SUFFIXES",
+    "SHOWN_ROWS",
+    "TYPED_DTYPES",
+    "Problem",
+    "TableError",
+    "check_table",
+    "load_table",
+    "read_table",
+    "validate_table",
+]
 
 #: Pandas dtype of each column type in the typed frame (categorical: levels in order).
 TYPED_DTYPES: dict[ColumnType, str] = {
@@ -48,9 +69,10 @@ TYPED_DTYPES: dict[ColumnType, str] = {
 #: How many offending row numbers a problem line shows (and ``Problem.rows`` keeps).
 SHOWN_ROWS = 5
 
-CSV_SUFFIXES = frozenset({".csv"})
-PARQUET_SUFFIXES = frozenset({".parquet", ".pq"})
+#: Value problems of one column, in the order a message lists them.
+VALUE_KINDS = ("wrong_type", "below_min", "above_max", "unknown_category", "null")
 
+_SAMPLE_CHARS = 50  # a longer sample value is cut
 _TRUE = ("true", "t", "yes", "1")
 _FALSE = ("false", "f", "no", "0")
 _NS_PER_S = 1_000_000_000
@@ -74,17 +96,6 @@ class Problem:
     message: str = ""
 
 
-class TableError(ValueError):
-    """A table cannot be read or does not match its schema.
-
-    ``problems`` lists what :func:`validate_table` found (empty for reading errors).
-    """
-
-    def __init__(self, message: str, problems: Sequence[Problem] = ()) -> None:
-        super().__init__(message)
-        self.problems: list[Problem] = list(problems)
-
-
 # --------------------------------------------------------------------------------------
 # reading
 # --------------------------------------------------------------------------------------
@@ -96,80 +107,73 @@ def read_table(path: str | Path) -> pd.DataFrame:
     CSV cells are read as strings (UTF-8, an optional byte order mark is skipped); the
     empty string and ``NA`` become null. Parquet columns keep their stored types. Raises
     :class:`TableError` for a missing, empty, header-only, non-UTF-8 or corrupt file.
+    The whole table is in memory: :func:`check_table` validates a file of any size.
     """
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in CSV_SUFFIXES | PARQUET_SUFFIXES:
-        raise TableError(
-            f"{path}: unsupported file type {path.suffix or '(no suffix)'!r}; "
-            "use .csv, .parquet or .pq"
-        )
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise TableError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise TableError(f"{path}: is a directory, not a table file") from None
-    except OSError as exc:
-        raise TableError(f"{path}: cannot be read ({exc.strerror or exc})") from None
-    if not data.strip():
-        raise TableError(f"{path}: the file is empty")
-    frame = _read_csv(path, data) if suffix in CSV_SUFFIXES else _read_parquet(path, data)
-    if len(frame) == 0:
-        raise TableError(f"{path}: the table has a header but no data rows")
-    return frame
+    with TableFile(path) as source:
+        batches = list(source.batches())
+        if not batches:
+            raise TableError(f"{source.path}: the table has a header but no data rows")
+        table = pa.Table.from_batches(batches, schema=source.schema)
+        del batches
+        try:
+            return table.to_pandas()
+        except (pa.ArrowException, ValueError) as exc:
+            raise TableError(f"{source.path}: the data cannot be converted: {exc}") from None
 
 
-def _read_csv(path: Path, data: bytes) -> pd.DataFrame:
-    start = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
-    try:
-        text = data[start:].decode("utf-8")
-    except UnicodeDecodeError as exc:
-        offset = start + exc.start
-        line = data.count(b"\n", 0, offset) + 1
-        raise TableError(
-            f"{path}: not UTF-8 text: byte 0x{data[offset]:02x} at byte offset {offset} "
-            f"(line {line}) is invalid ({exc.reason}); save the file as UTF-8"
-        ) from None
-    del data
-    try:
-        header = next(csv.reader(io.StringIO(text[: text.find("\n") + 1 or None])))
-    except (StopIteration, csv.Error) as exc:
-        raise TableError(f"{path}: cannot read the CSV header ({exc})") from None
-    duplicated = sorted({h for h in header if header.count(h) > 1})
-    if duplicated:
-        raise TableError(f"{path}: duplicate column names in the header: {duplicated}")
-    try:
-        frame = pd.read_csv(
-            io.StringIO(text),
-            dtype=str,
-            keep_default_na=False,
-            na_values=list(NULL_TOKENS),
-        )
-    except pd.errors.EmptyDataError:
-        raise TableError(f"{path}: the file is empty") from None
-    except (pd.errors.ParserError, csv.Error, ValueError) as exc:
-        raise TableError(f"{path}: not a valid CSV file: {str(exc).strip()}") from None
-    return frame
+def check_table(path: str | Path, schema: Schema, *, block_bytes: int = BLOCK_BYTES) -> int:
+    """Validate a table file against ``schema`` block by block; return its number of rows.
+
+    Raises the :class:`TableError` that ``validate_table(read_table(path), schema)`` would
+    raise (same problems, same rows), but holds only one block of about ``block_bytes``
+    of the file in memory at a time (see :mod:`fedsynth.generative.tablefile`).
+    """
+    rows, _ = _scan(path, schema, block_bytes, keep=False)
+    return rows
 
 
-def _read_parquet(path: Path, data: bytes) -> pd.DataFrame:
-    import pyarrow.parquet as pq
+def load_table(path: str | Path, schema: Schema, *, block_bytes: int = BLOCK_BYTES) -> pd.DataFrame:
+    """The typed frame of a table file (what ``validate_table(read_table(path))`` returns,
+    with a fresh 0-based index), validated and typed block by block: the raw text is never
+    held in memory all at once, only the typed columns."""
+    _, typed = _scan(path, schema, block_bytes, keep=True)
+    assert typed is not None
+    return typed
 
-    try:
-        table = pq.read_table(pa.BufferReader(data))
-    except (pa.ArrowException, OSError, ValueError) as exc:
-        raise TableError(
-            f"{path}: not a readable Parquet file (truncated or corrupt?): {exc}"
-        ) from None
-    names = table.column_names
-    duplicated = sorted({n for n in names if names.count(n) > 1})
-    if duplicated:
-        raise TableError(f"{path}: duplicate column names: {duplicated}")
-    try:
-        return table.to_pandas()
-    except (pa.ArrowException, ValueError) as exc:
-        raise TableError(f"{path}: Parquet data cannot be converted: {exc}") from None
+
+def _scan(
+    path: str | Path, schema: Schema, block_bytes: int, keep: bool
+) -> tuple[int, pd.DataFrame | None]:
+    findings = _Findings(schema)
+    parts: list[pd.DataFrame] = []
+    rows = 0
+    with TableFile(path, block_bytes) as source:
+        findings.check_header(source.names)
+        wanted = [c.name for c in schema.modelled if c.name in findings.checkable]
+        for batch in source.batches():
+            index = pd.RangeIndex(rows, rows + batch.num_rows)
+            chunk = _block_frame(batch.select(wanted)).set_axis(index) if wanted else None
+            typed = findings.check_rows(chunk, offset=rows) if chunk is not None else None
+            rows += batch.num_rows
+            del batch, chunk
+            if keep and findings.ok and typed is not None:
+                parts.append(pd.DataFrame(typed, index=index))
+            else:
+                parts.clear()  # a problem was found: nothing will be returned
+        if rows == 0:
+            raise TableError(f"{source.path}: the table has a header but no data rows")
+    findings.raise_if_any()
+    if not keep:
+        return rows, None
+    return rows, pd.concat(parts) if len(parts) > 1 else parts[0]
+
+
+def _block_frame(batch: pa.RecordBatch) -> pd.DataFrame:
+    """A block as pandas, text kept in Arrow (no Python string per cell): the checks run
+    Arrow's C++ kernels on it, several times faster than on Python strings."""
+    text = pd.ArrowDtype(pa.string())
+    mapper = {pa.string(): text, pa.large_string(): text}.get
+    return batch.to_pandas(types_mapper=mapper, use_threads=False)  # threads cost more here
 
 
 # --------------------------------------------------------------------------------------
@@ -178,11 +182,118 @@ def _read_parquet(path: Path, data: bytes) -> pd.DataFrame:
 
 
 @dataclass
+class _Tally:
+    """One value problem of one column, summed over the blocks of a table."""
+
+    column: str
+    kind: str
+    what: str
+    noun: str
+    hint: str
+    count: int = 0
+    rows: list[int] = field(default_factory=list)
+    sample: str | None = None
+
+    def problem(self) -> Problem:
+        rows = tuple(self.rows)
+        shown = ", ".join(str(r) for r in rows) + (", ..." if self.count > SHOWN_ROWS else "")
+        plural = "s" if self.count > 1 else ""
+        text = (
+            f"column {self.column!r}: {self.count} {self.noun}{plural} {self.what} "
+            f"at row{plural} {shown}"
+        )
+        if self.sample is not None:
+            text += f" (e.g. {self.sample})"
+        return Problem(self.column, self.kind, rows, self.count, self.sample, text + self.hint)
+
+
+class _Findings:
+    """The problems of one table, found block by block (a frame in memory is one block)."""
+
+    def __init__(self, schema: Schema) -> None:
+        self.schema = schema
+        self.header: list[Problem] = []
+        self.values: dict[tuple[str, str], _Tally] = {}
+        self.checkable: set[str] = set()  # modelled columns present exactly once
+
+    @property
+    def ok(self) -> bool:
+        return not self.header and not self.values
+
+    def check_header(self, names: list[str]) -> None:
+        counts = pd.Series(names, dtype=object).value_counts()
+        duplicated = set(counts.index[counts > 1])
+        for name in sorted(duplicated):
+            self.header.append(
+                Problem(
+                    name, "duplicate_column", message=f"column {name!r}: appears more than once"
+                )
+            )
+        present = set(names)
+        modelled = {c.name for c in self.schema.modelled}
+        for col in self.schema.columns:
+            if col.name not in present:
+                role = "" if col.name in modelled else " (identifier)"
+                self.header.append(
+                    Problem(
+                        col.name,
+                        "missing_column",
+                        message=f"column {col.name!r}{role}: declared in the spec but missing "
+                        "from the table",
+                    )
+                )
+        declared = {c.name for c in self.schema.columns}
+        for name in dict.fromkeys(names):
+            if name not in declared:
+                self.header.append(
+                    Problem(
+                        name,
+                        "extra_column",
+                        message=f"column {name!r}: not declared in the spec (declare it, with "
+                        'role = "identifier" if it must not be modelled, or drop it)',
+                    )
+                )
+        self.checkable = (present & modelled) - duplicated
+
+    def check_rows(self, df: pd.DataFrame, offset: int) -> dict[str, object]:
+        """Check the modelled columns of one block whose first row is data row
+        ``offset + 1``; return the typed values of the columns without problems."""
+        positions = {str(n): i for i, n in enumerate(df.columns)}
+        typed: dict[str, object] = {}
+        for col in self.schema.modelled:
+            if col.name not in self.checkable:
+                continue
+            checker = _Checker(col.name, self, offset)
+            result = _check_column(df.iloc[:, positions[col.name]], col, checker)
+            if not checker.found:
+                typed[col.name] = result
+        return typed
+
+    def raise_if_any(self) -> None:
+        problems = list(self.header)
+        for col in self.schema.modelled:
+            for kind in VALUE_KINDS:
+                tally = self.values.get((col.name, kind))
+                if tally is not None:
+                    problems.append(tally.problem())
+        if problems:
+            count = len(problems)
+            lines = "\n  ".join(p.message for p in problems)
+            raise TableError(
+                f"table does not match the schema ({count} problem{'s' if count > 1 else ''}):"
+                f"\n  {lines}",
+                problems,
+            )
+
+
+@dataclass
 class _Checker:
-    """Collects the problems of one column as boolean masks over the rows."""
+    """Adds the problems of one column of one block to the table's findings."""
 
     name: str
-    problems: list[Problem] = field(default_factory=list)
+    findings: _Findings
+    offset: int = 0
+    found: bool = False
 
     def add(
         self,
@@ -195,16 +306,17 @@ class _Checker:
     ) -> None:
         """Record the rows in ``mask`` as 'column 'x': N <noun>s <what> at rows ...'."""
         positions = np.flatnonzero(mask)
-        count = int(positions.size)
-        if count == 0:
+        if positions.size == 0:
             return
-        rows = tuple(int(p) + 1 for p in positions[:SHOWN_ROWS])
-        shown = ", ".join(str(r) for r in rows) + (", ..." if count > SHOWN_ROWS else "")
-        plural = "s" if count > 1 else ""
-        text = f"column {self.name!r}: {count} {noun}{plural} {what} at row{plural} {shown}"
-        if sample is not None:
-            text += f" (e.g. {sample})"
-        self.problems.append(Problem(self.name, kind, rows, count, sample, text + hint))
+        self.found = True
+        tally = self.findings.values.setdefault(
+            (self.name, kind), _Tally(self.name, kind, what, noun, hint)
+        )
+        tally.count += int(positions.size)
+        room = SHOWN_ROWS - len(tally.rows)
+        tally.rows.extend(self.offset + int(p) + 1 for p in positions[:room])
+        if tally.sample is None:
+            tally.sample = sample
 
 
 def validate_table(df: pd.DataFrame, schema: Schema) -> pd.DataFrame:
@@ -214,64 +326,43 @@ def validate_table(df: pd.DataFrame, schema: Schema) -> pd.DataFrame:
     read from CSV) or native types. Raises one :class:`TableError` listing every problem;
     ``df`` is never modified. The typed frame keeps ``df``'s index.
     """
-    problems: list[Problem] = []
-    names = [str(c) for c in df.columns]
-    counts = pd.Series(names, dtype=object).value_counts()
-    duplicated = set(counts.index[counts > 1])
-    for name in sorted(duplicated):
-        problems.append(
-            Problem(name, "duplicate_column", message=f"column {name!r}: appears more than once")
-        )
-    present = set(names)
-    modelled = {c.name for c in schema.modelled}
-    for col in schema.columns:
-        if col.name not in present:
-            role = "" if col.name in modelled else " (identifier)"
-            problems.append(
-                Problem(
-                    col.name,
-                    "missing_column",
-                    message=f"column {col.name!r}{role}: declared in the spec but missing "
-                    "from the table",
-                )
-            )
-    declared = {c.name for c in schema.columns}
-    for name in dict.fromkeys(names):
-        if name not in declared:
-            problems.append(
-                Problem(
-                    name,
-                    "extra_column",
-                    message=f"column {name!r}: not declared in the spec (declare it, with "
-                    'role = "identifier" if it must not be modelled, or drop it)',
-                )
-            )
-    typed: dict[str, pd.Series] = {}
-    positions = {n: i for i, n in enumerate(names)}
-    for col in schema.modelled:
-        if col.name not in present or col.name in duplicated:
-            continue
-        checker = _Checker(col.name)
-        result = _check_column(df.iloc[:, positions[col.name]], col, checker)
-        problems.extend(checker.problems)
-        if not checker.problems:
-            typed[col.name] = pd.Series(result, index=df.index, name=col.name)
-    if problems:
-        count = len(problems)
-        lines = "\n  ".join(p.message for p in problems)
-        raise TableError(
-            f"table does not match the schema ({count} problem{'s' if count > 1 else ''}):"
-            f"\n  {lines}",
-            problems,
-        )
-    return pd.DataFrame({c.name: typed[c.name] for c in schema.modelled}, index=df.index)
+    findings = _Findings(schema)
+    findings.check_header([str(c) for c in df.columns])
+    typed = findings.check_rows(df, offset=0)
+    findings.raise_if_any()
+    return pd.DataFrame(
+        {name: pd.Series(values, index=df.index, name=name) for name, values in typed.items()},
+        index=df.index,
+    )
 
 
 def _is_text(series: pd.Series) -> bool:
-    return series.dtype == object or isinstance(series.dtype, pd.StringDtype)
+    return (
+        series.dtype == object
+        or isinstance(series.dtype, pd.StringDtype)
+        or _arrow_text(series) is not None
+    )
+
+
+def _arrow_text(series: pd.Series) -> pa.Array | None:
+    """The Arrow strings behind an Arrow-backed text column (streamed blocks), else None."""
+    dtype = series.dtype
+    if isinstance(dtype, pd.ArrowDtype):
+        kind = dtype.pyarrow_dtype
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            return None
+    elif not (isinstance(dtype, pd.StringDtype) and dtype.storage == "pyarrow"):
+        return None
+    chunks = series.array.__arrow_array__()  # the Arrow interchange protocol: no copy
+    array = chunks.combine_chunks() if isinstance(chunks, pa.ChunkedArray) else chunks
+    return array.cast(pa.string()) if array.type != pa.string() else array
 
 
 def _null_mask(series: pd.Series) -> np.ndarray:
+    arrow = _arrow_text(series)
+    if arrow is not None:
+        tokens = pc.is_in(arrow, value_set=pa.array(NULL_TOKENS, type=pa.string()))
+        return pc.or_(arrow.is_null(), tokens).to_numpy(zero_copy_only=False)
     null = series.isna().to_numpy(dtype=bool)
     if _is_text(series):
         null = null | series.isin(NULL_TOKENS).to_numpy(dtype=bool)
@@ -283,7 +374,9 @@ def _sample(series: pd.Series, mask: np.ndarray) -> str | None:
     if not mask.any():
         return None
     value = series.iloc[int(np.argmax(mask))]
-    return repr(value) if isinstance(value, str) else str(value)
+    if not isinstance(value, str):
+        return str(value)
+    return repr(value if len(value) <= _SAMPLE_CHARS else value[: _SAMPLE_CHARS - 3] + "...")
 
 
 def _check_column(series: pd.Series, col: Column, checker: _Checker) -> object:
@@ -328,7 +421,7 @@ def _numeric(series: pd.Series, col: Column, null: np.ndarray, checker: _Checker
     above = ok & (values > high)
     checker.add("below_min", below, f"below min {col.min}", _number_sample(values, below))
     checker.add("above_max", above, f"above max {col.max}", _number_sample(values, above))
-    if checker.problems:
+    if checker.found:
         return None
     if col.type is ColumnType.INTEGER:
         if exact is None:
@@ -339,6 +432,11 @@ def _numeric(series: pd.Series, col: Column, null: np.ndarray, checker: _Checker
 
 def _text_array(series: pd.Series, null: np.ndarray) -> pa.Array:
     """Values as an Arrow string array (null where ``null``), for fast C++ string kernels."""
+    arrow = _arrow_text(series)
+    if arrow is not None:
+        if (null & ~arrow.is_null().to_numpy(zero_copy_only=False)).any():
+            arrow = pc.if_else(pa.array(null), pa.scalar(None, type=pa.string()), arrow)
+        return arrow
     if _is_text(series):
         # (nulls need no replacing first: ``mask`` hides them from Arrow)
         objects = series.to_numpy() if series.dtype == object else series.to_numpy(object)
@@ -382,11 +480,17 @@ def _as_text(series: pd.Series, null: np.ndarray) -> pd.Series:
 
 def _categorical(series: pd.Series, col: Column, null: np.ndarray, checker: _Checker) -> object:
     levels = col.levels
-    if series.dtype == object and pd.api.types.infer_dtype(series, skipna=True) == "string":
-        text = series  # already strings (CSV): null tokens are masked by ``null`` below
+    arrow = _arrow_text(series)
+    if arrow is not None:  # (null tokens are masked by ``null`` below)
+        found = pc.index_in(arrow, value_set=pa.array(levels, type=pa.string()))
+        codes = pc.fill_null(found, -1).to_numpy(zero_copy_only=False)
+        text = series
     else:
-        text = _as_text(series, null)
-    codes = np.asarray(pd.Categorical(text.to_numpy(), categories=levels).codes)
+        if series.dtype == object and pd.api.types.infer_dtype(series, skipna=True) == "string":
+            text = series  # already strings (CSV)
+        else:
+            text = _as_text(series, null)
+        codes = np.asarray(pd.Categorical(text.to_numpy(), categories=levels).codes)
     unknown = ~null & (codes < 0)
     if unknown.any():
         shown = ", ".join(repr(level) for level in levels[:10])
@@ -448,7 +552,7 @@ def _datetime(series: pd.Series, col: Column, null: np.ndarray, checker: _Checke
     above = ok & (seconds > high)
     checker.add("below_min", below, f"before min {col.min}", _stamp_sample(stamps, below))
     checker.add("above_max", above, f"after max {col.max}", _stamp_sample(stamps, above))
-    if checker.problems:
+    if checker.found:
         return None
     return np.where(null, np.datetime64("NaT"), stamps).astype("datetime64[ns]")
 

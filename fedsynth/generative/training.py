@@ -182,14 +182,9 @@ def _train(
 
 def check_rows(n_rows: int, spec: FederationSpec) -> None:
     """Refuse tables too small to train on, or for which delta would allow a whole row."""
-    privacy = spec.privacy
-    if n_rows < 2:
-        raise TrainingError(f"need at least 2 rows to train, got {n_rows}")
-    if privacy.is_private and privacy.delta >= 1.0 / n_rows:
-        raise TrainingError(
-            f"privacy.delta = {privacy.delta:g} must be below 1/rows = {1.0 / n_rows:.3g} "
-            f"({n_rows} rows); a larger delta allows releasing a whole row"
-        )
+    problem = spec.rows_problem(n_rows)
+    if problem is not None:
+        raise TrainingError(problem)
 
 
 def architecture(spec: FederationSpec) -> dict[str, Any]:
