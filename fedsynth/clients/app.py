@@ -7,9 +7,15 @@ columns dropped), open the node's ledger:
 - ``query``: will the next round fit this node's cap? The node answers accept or refuse
   and records a refusal in its ledger. This is advisory for the server's planning;
 - ``train``: checks the cap again (the node's own check is the one that counts), trains the
-  round with DP-SGD, records the spend in its ledger *before* the update leaves, and
-  replies in Flower's legacy fit format, which SecAgg+ needs (see ``secure_aggregation_mod``);
+  round with DP-SGD, stores the update and records the spend in its ledger *before* the
+  update leaves, and replies in Flower's legacy fit format, which SecAgg+ needs (see
+  ``secure_aggregation_mod``);
 - ``evaluate``: scores the global model on the node's rows and releases only noisy scalars.
+
+A round asked again under the same run key (the server's run resumed after a crash, see
+``fedsynth.server.app``) is not trained again: the node re-sends what it released the
+first time, at no new cost, if it is handed the same global model, and refuses otherwise
+(``fedsynth.clients.replay``). The ledger never holds two entries for one round of a run.
 
 A node whose table does not fit the spec stops with the table error, naming the column and
 rows, before any training.
@@ -40,6 +46,7 @@ from flwr.compat.common import recorddict_compat as compat
 
 from fedsynth.clients.node import DEFAULTS_RECORD, NodeConfig, load_rows, resolve_context
 from fedsynth.clients.outbox import outbox_mod
+from fedsynth.clients.replay import ReleaseStore, ReplayError, check_run_key, digest
 from fedsynth.generative.spec import FederationSpec, parse_spec
 from fedsynth.privacy import protocol
 
@@ -67,6 +74,7 @@ class NodeSession:
     plan: rounds.NodePlan
     run: int
     round: int
+    run_key: str | None = None  # the server's run across restarts; None: an older server
 
     @property
     def federation(self) -> str:
@@ -87,7 +95,13 @@ class NodeSession:
             accountant=privacy.accountant,
         )
 
-    def spend(self, kind: str, history: Sequence[tuple[float, float, int]], **detail) -> float:
+    def spend(
+        self,
+        kind: str,
+        history: Sequence[tuple[float, float, int]],
+        remember: dict[str, Any] | None = None,
+        **detail,
+    ) -> float:
         privacy = self.spec.privacy
         return self.ledger.spend(
             self.federation,
@@ -97,8 +111,24 @@ class NodeSession:
             accountant=privacy.accountant,
             run=self.run,
             round=self.round,
+            run_key=self.run_key,
             detail=detail,
+            remember=remember,
         )
+
+    def released(self, kind: str) -> dict[str, Any] | None:
+        """This round's earlier release of ``kind`` under the same run key, if any."""
+        if self.run_key is None:
+            return None
+        return self.ledger.released(self.federation, kind, self.run_key, self.round)
+
+    def epsilon(self) -> float:
+        privacy = self.spec.privacy
+        return self.ledger.epsilon(self.federation, privacy.delta, privacy.accountant)
+
+    @property
+    def releases(self) -> ReleaseStore:
+        return ReleaseStore(self.config.ledger_path)
 
     def refuse(self, kind: str, check: BudgetCheck) -> None:
         self.ledger.refuse(
@@ -128,6 +158,7 @@ def open_session(context: Context, config: dict) -> NodeSession:
     rows = load_rows(node, spec)
     ledger = PrivacyLedger(node.ledger_path)
     run = int(config.get(protocol.RUN, 0))
+    key = config.get(protocol.RUN_KEY)
     return NodeSession(
         node,
         spec,
@@ -136,6 +167,7 @@ def open_session(context: Context, config: dict) -> NodeSession:
         _plan(ledger, spec, text, len(rows), run),
         run,
         int(config.get(protocol.ROUND, 0)),
+        None if key is None else check_run_key(key),
     )
 
 
@@ -178,7 +210,10 @@ def query(message: Message, context: Context) -> Message:
     except Exception as exc:  # noqa: BLE001 -- the reason goes back to the server
         reply = {protocol.STATUS: protocol.INVALID, protocol.DETAIL: str(exc)[:2000]}
         return Message(RecordDict({protocol.CONFIG: ConfigRecord(reply)}), reply_to=message)
-    check = session.check([*session.pending_release(), *session.plan.round_history()])
+    # A round this run already released is re-sent, not trained: it costs nothing more.
+    again = session.released("train") is not None
+    planned = [] if again else [*session.pending_release(), *session.plan.round_history()]
+    check = session.check(planned)
     if not check.allowed:
         session.refuse("train", check)
     reply = {
@@ -207,6 +242,10 @@ def train(message: Message, context: Context) -> Message:
             f"{session.federation}: the spec requires secure aggregation; "
             "this node does not send a plain update"
         )
+    start = to_arrays(fitins.parameters)
+    earlier = session.released("train")
+    if earlier is not None:
+        return _resend_update(message, session, earlier, digest(start))
     release = session.pending_release()
     check = session.check([*release, *session.plan.round_history()])
     if not check.allowed:
@@ -216,13 +255,13 @@ def train(message: Message, context: Context) -> Message:
             f"{check.after:.3f}, above this node's cap {check.cap:g} (spent {check.spent:.3f})"
         )
     model = rounds.initial_model(spec)
-    rounds.set_arrays(model, to_arrays(fitins.parameters))
+    rounds.set_arrays(model, start)
     data, levels = rounds.encode(session.rows, spec)
     counts = session.released_counts()
     if counts is None:
         counts = rounds.release_counts(levels, spec, session.plan, seed=session.seed("counts"))
-        session.spend("release", release, what="target counts")
-        session.ledger.remember(session.federation, "counts", counts, delta=spec.privacy.delta)
+        # The spend and the counts in one write: counts kept are counts paid for.
+        session.spend("release", release, remember={"counts": counts}, what="target counts")
     run = rounds.train_round(model, data, levels, spec, session.plan, seed=session.seed("train"))
     arrays = rounds.get_arrays(model)
     arrays[-1] = np.asarray(_shares(counts), dtype=np.float32)  # this node's own release
@@ -233,21 +272,68 @@ def train(message: Message, context: Context) -> Message:
             f"a weight of {largest:.3g} lies outside secure_aggregation.clipping_range "
             f"{limit:g}; SecAgg+ would clip it silently, so this update is not sent"
         )
-    # Written before the update leaves: a crash after sending over-counts, never under.
+    # Stored, then written to the ledger, before the update leaves: a node killed after
+    # the spend may have sent it, so the ledger counts it, and a retry re-sends these
+    # bytes; killed before, the stored file is never sent and the next try overwrites it.
+    stored: dict[str, Any] = {}
+    if session.run_key is not None:
+        stored["update_sha256"] = session.releases.save(
+            session.federation, session.run_key, session.round, "train", arrays
+        )
+        stored["input_sha256"] = digest(start)
     epsilon = session.spend(
-        "train", run.history, steps=session.plan.steps_per_round, rows_weight=sum(counts)
+        "train",
+        run.history,
+        steps=session.plan.steps_per_round,
+        rows_weight=sum(counts),
+        **stored,
     )
-    weight = int(min(max(1.0, round(sum(counts))), spec.secure_aggregation.max_weight))
+    return _fit_reply(message, session, arrays, sum(counts), epsilon, resent=False)
+
+
+def _fit_reply(
+    message: Message,
+    session: NodeSession,
+    arrays: list[np.ndarray],
+    rows_weight: float,
+    epsilon: float,
+    *,
+    resent: bool,
+) -> Message:
+    spec = session.spec
+    weight = int(min(max(1.0, round(rows_weight)), spec.secure_aggregation.max_weight))
     metrics: dict[str, Scalar] = {
         protocol.EPSILON: epsilon if spec.privacy.is_private else float("inf"),
         protocol.DELTA: spec.privacy.delta if spec.privacy.is_private else 0.0,
         protocol.STEPS: session.plan.steps_per_round,
         protocol.NOISE: session.plan.noise_multiplier,
-        protocol.CLIPPED: largest,
+        protocol.CLIPPED: max(float(np.abs(a).max()) for a in arrays if a.size),
         protocol.INSTITUTION: session.config.institution,
+        protocol.RESENT: int(resent),
     }
     fitres = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(arrays), weight, metrics)
     return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=message)
+
+
+def _resend_update(
+    message: Message, session: NodeSession, earlier: dict[str, Any], start: str
+) -> Message:
+    """Re-send the update this round already released under this run key: the same bytes,
+    no new spend. Refused (nothing sent) if the server hands another global model than
+    the one trained from, or if the stored update is gone or altered."""
+    where = f"{session.config.institution}: round {session.round} of run {session.run_key}"
+    if earlier.get("input_sha256") != start:
+        raise ReplayError(
+            f"{where} was already trained and released from another global model; "
+            "training it again would spend the round twice, so this node refuses"
+        )
+    assert session.run_key is not None  # released() found an entry under it
+    arrays = session.releases.load(
+        session.federation, session.run_key, session.round, "train", earlier["update_sha256"]
+    )
+    return _fit_reply(
+        message, session, arrays, float(earlier["rows_weight"]), session.epsilon(), resent=True
+    )
 
 
 def _shares(counts: list[float]) -> list[float]:
@@ -273,10 +359,28 @@ def evaluate(message: Message, context: Context) -> Message:
 
     evalins = compat.recorddict_to_evaluateins(message.content, keep_input=True)
     session = open_session(context, dict(evalins.config))
+    metrics: dict[str, Scalar] = {protocol.INSTITUTION: session.config.institution}
+    model_digest = digest(to_arrays(evalins.parameters))
+    earlier = session.released("evaluate")
+    if earlier is not None:
+        # Scored already in this run and round: the same scores again (no new cost), and
+        # only for the model they were computed on.
+        same = earlier.get("input_sha256") == model_digest and "values" in earlier
+        if same:
+            metrics.update({k: float(v) for k, v in earlier["values"].items()})
+            metrics[protocol.EPSILON] = (
+                session.epsilon() if session.spec.privacy.is_private else float("inf")
+            )
+        metrics[protocol.STATUS] = protocol.ACCEPT if same else protocol.REFUSE
+        metrics[protocol.RESENT] = int(same)
+        loss = 1.0 - float(metrics.get("column_shapes", 0.0)) if same else 0.0
+        res = EvaluateRes(
+            Status(Code.OK, "resent" if same else "no scores"), loss, int(same), metrics
+        )
+        return Message(compat.evaluateres_to_recorddict(res), reply_to=message)
     counts = session.released_counts()
     planned = session.plan.evaluation_history(len(rounds.EVALUATION_SCORES))
     check = session.check(planned)
-    metrics: dict[str, Scalar] = {protocol.INSTITUTION: session.config.institution}
     if counts is None or not check.allowed:
         # Nothing released yet to bound sensitivity with, or no budget: no scores.
         if counts is not None:
@@ -289,10 +393,17 @@ def evaluate(message: Message, context: Context) -> Message:
     scores, history = rounds.evaluation_scores(
         model, session.rows, session.spec, session.plan, counts, seed=session.seed("evaluate")
     )
-    epsilon = session.spend("evaluate", history, scores=sorted(scores))
+    epsilon = session.spend(
+        "evaluate",
+        history,
+        scores=sorted(scores),
+        values={k: float(v) for k, v in scores.items()},
+        input_sha256=model_digest,
+    )
     metrics.update(scores)
     metrics[protocol.EPSILON] = epsilon if session.spec.privacy.is_private else float("inf")
     metrics[protocol.STATUS] = protocol.ACCEPT
+    metrics[protocol.RESENT] = 0
     loss = 1.0 - scores.get("column_shapes", 0.0)
     res = EvaluateRes(Status(Code.OK, "ok"), loss, 1, metrics)
     return Message(compat.evaluateres_to_recorddict(res), reply_to=message)

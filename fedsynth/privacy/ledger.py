@@ -14,6 +14,13 @@ file lock, so a crash leaves either the old or the new ledger, never half of one
 processes of the same node never interleave. A round is recorded as spent *before* its
 update leaves the node: if the node dies after sending, the ledger over-counts, never
 under-counts.
+
+A retried round is not a second release. Each entry made for a server's run carries that
+run's key (``run_key``: a random id the server keeps across restarts of the same run) and
+its round; :meth:`PrivacyLedger.spend` refuses a second entry of the same kind for the same
+key and round (:class:`DuplicateRelease`), and :meth:`PrivacyLedger.released` finds the
+first, so that a node asked again re-sends what it already released (post-processing:
+no new cost) instead of spending twice.
 """
 
 from __future__ import annotations
@@ -38,6 +45,11 @@ Entry = tuple[float, float, int]
 
 class LedgerError(ValueError):
     """The ledger file is unreadable or not a fedsynth ledger; nothing was changed."""
+
+
+class DuplicateRelease(LedgerError):
+    """An entry of this kind was already recorded for this run key and round; nothing was
+    changed (re-send what was released, see :meth:`PrivacyLedger.released`)."""
 
 
 @dataclass(frozen=True)
@@ -75,6 +87,13 @@ class PrivacyLedger:
         """The federation's raw record: entries, refusals, runs, released counts."""
         return dict(self._read()["federations"].get(federation, {}))
 
+    def released(
+        self, federation: str, kind: str, run_key: str, round: int
+    ) -> dict[str, Any] | None:
+        """The entry of ``kind`` recorded for ``run_key`` and ``round``, or None."""
+        entries = self._read()["federations"].get(federation, {}).get("entries", [])
+        return next((dict(e) for e in entries if _same_release(e, kind, run_key, round)), None)
+
     def federations(self) -> list[str]:
         return sorted(self._read()["federations"])
 
@@ -104,20 +123,38 @@ class PrivacyLedger:
         accountant: str = "prv",
         run: int | None = None,
         round: int | None = None,
+        run_key: str | None = None,
         detail: dict[str, Any] | None = None,
+        remember: dict[str, Any] | None = None,
     ) -> float:
-        """Record releases the node is about to make; returns epsilon after them."""
+        """Record releases the node is about to make; returns epsilon after them.
+
+        With ``run_key`` (and ``round``), a second entry of ``kind`` for the same key and
+        round raises :class:`DuplicateRelease`. ``remember`` maps names to released values
+        kept (as :meth:`remember` does) in the same write as the entry: both or neither.
+        """
         with self._locked() as data:
             section = self._section(data, federation, delta, accountant)
+            if run_key is not None:
+                if round is None:
+                    raise ValueError("a spend with a run_key needs its round")
+                if any(_same_release(e, kind, run_key, round) for e in section["entries"]):
+                    raise DuplicateRelease(
+                        f"{self.path}: federation {federation!r} already recorded a {kind!r} "
+                        f"release for run {run_key} round {round}; it is not spent twice"
+                    )
             entry = {
                 "time": _now(),
                 "kind": kind,
                 "run": run,
                 "round": round,
+                **({"run_key": run_key} if run_key is not None else {}),
                 "history": [[float(s), float(q), int(t)] for s, q, t in history],
                 **(detail or {}),
             }
             section["entries"].append(entry)
+            if remember:
+                section.setdefault("released", {}).update(remember)
             all_history = [tuple(h) for item in section["entries"] for h in item["history"]]
             entry["epsilon_after"] = epsilon_of(all_history, delta, accountant)
             return float(entry["epsilon_after"])
@@ -194,6 +231,14 @@ class PrivacyLedger:
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
             os.close(lock)
+
+
+def _same_release(entry: dict[str, Any], kind: str, run_key: str, round: int) -> bool:
+    return (
+        entry.get("kind") == kind
+        and entry.get("run_key") == run_key
+        and entry.get("round") == round
+    )
 
 
 def _now() -> str:

@@ -20,6 +20,9 @@ CONFIG = "fedsynth"  # ConfigRecord name in query messages
 
 SPEC = "spec-json"
 RUN = "run-id"
+#: The server's run across restarts (32 hex digits): a node's ledger keys its releases by
+#: it, so a round asked again after a restart is re-sent, not spent twice.
+RUN_KEY = "run-key"
 ROUND = "round"
 ACTION = "action"
 BUDGET = "budget"
@@ -39,6 +42,7 @@ DELTA = "delta"
 STEPS = "steps"
 NOISE = "noise-multiplier"
 CLIPPED = "max-abs-weight"
+RESENT = "resent"  # 1: the node re-sent what it released earlier in this run and round
 
 
 def secagg_settings(spec_secagg: Any, min_nodes: int) -> dict[str, Any]:

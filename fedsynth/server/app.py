@@ -3,21 +3,48 @@
 Run config (``flwr run . --run-config`` or ``[tool.flwr.app.config]``):
 ``spec`` (path of the federation spec, or a name under ``federations/``), ``home``
 (``FEDSYNTH_HOME`` override), ``rounds`` (override of ``federation.rounds``; 0 keeps it),
-``wait-nodes-s`` (how long to wait for ``min_nodes`` nodes to connect).
+``wait-nodes-s`` (how long to wait for ``min_nodes`` nodes to connect), ``run-name``
+(empty: a new run; else a resumable run, below).
 
 Each round: ask every connected node whether the round fits its budget (query), train the
 nodes that accepted with SecAgg+ (or plain FedAvg when the spec turns it off, which the
 audit log records), let the trained nodes score the new model, checkpoint it, and write the
 round, its participants and their reported spend to the records and the audit chain. After
-the last round the model is registered, signed and encrypted. Any failure marks the run
-failed in the records and the audit log, and raises.
+the last round the model is registered, signed and encrypted. A round that fails (a node
+died, secure aggregation halted) is recorded failed with ``round_failed`` in the audit log;
+the model does not advance, the run is marked failed, and the exception propagates.
+
+Resuming a run. Flower gives every ``flwr run`` a new run id, and a SuperLink restarted
+after a crash forgets the runs it was executing; so a run that should survive a crash is
+named in the run config (``run-name='bank-2025-q3'``). The name is kept, with a random
+run key, in the run's record (``Run.config_json``); ``flwr run`` again with the same spec,
+overrides and name (any Flower run id) finds that record and continues it:
+
+- from the last round the records show *completed* (contiguously from round 1), starting
+  from that round's checkpoint in the registry (a checkpoint written just before a crash,
+  whose round was not yet recorded, is not trusted: that round is done again);
+- under the same records run id, so rounds, participations, checkpoints and the model
+  version stay those of one run, and a round recorded completed is never trained or
+  recorded again (``rounds`` is unique per run and round);
+- sending the nodes the same run key, by which each node's ledger recognises a round it
+  already released: it re-sends that update instead of training and spending again
+  (``fedsynth.clients.replay``), so no ledger counts a round twice;
+- with ``run_resumed`` in the audit chain (attempt, completed rounds, Flower run id).
+
+A name whose run completed is refused (choose a new name for a new run), and so is a spec
+that differs from the one the run started with. A model already registered by the run
+(the crash came after registration) is not registered again; the run is just completed.
+Two servers resuming one name at once is an operator error this does not detect.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import re
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -38,6 +65,7 @@ from flwr.server.workflow.default_workflows import (
 )
 from flwr.serverapp import ServerApp
 from flwr.serverapp.grid import Grid
+from sqlalchemy import select
 
 from fedsynth.generative import rounds
 from fedsynth.generative.spec import FederationSpec, load_spec
@@ -48,6 +76,7 @@ from fedsynth.server.audit import AuditLog
 from fedsynth.server.records import (
     Database,
     Federation,
+    ModelVersionRecord,
     NodeReport,
     Participation,
     RoundRecord,
@@ -56,10 +85,15 @@ from fedsynth.server.records import (
 )
 from fedsynth.server.registry import ModelRegistry
 from fedsynth.server.secagg import GuardedSecAggPlusWorkflow, RoundFailed
-from fedsynth.server.strategy import FederationStrategy
+from fedsynth.server.strategy import FederationStrategy, RoundLog
 
 FEDERATIONS_DIR = Path(__file__).resolve().parents[2] / "federations"
 ACTOR = "server"
+_RUN_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+
+
+class RunNotResumable(ValueError):
+    """The named run cannot be continued (completed, or started from another spec)."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +103,7 @@ class ServerSettings:
     rounds: int = 0  # 0 keeps the spec's federation.rounds
     steps: int = 0  # 0 keeps the spec's training length; else total steps per node
     wait_nodes_s: float = 120.0
+    run_name: str = ""  # "": a new run; else the run of this name is resumed if it exists
 
     @classmethod
     def from_run_config(cls, config: dict[str, Any]) -> ServerSettings:
@@ -79,12 +114,19 @@ class ServerSettings:
         if not path.exists() and (FEDERATIONS_DIR / f"{spec}.toml").exists():
             path = FEDERATIONS_DIR / f"{spec}.toml"
         home = Path(str(config["home"])).expanduser() if config.get("home") else fedsynth_home()
+        run_name = str(config.get("run-name", "")).strip()
+        if run_name and not _RUN_NAME.match(run_name):
+            raise ValueError(
+                f"run config: 'run-name' {run_name!r} must be 1-128 letters, digits, '_', "
+                "'.' or '-'"
+            )
         return cls(
             path,
             home,
             int(config.get("rounds", 0)),
             int(config.get("steps", 0)),
             float(config.get("wait-nodes-s", 120)),
+            run_name,
         )
 
 
@@ -130,38 +172,89 @@ class FederationServer:
         self.audit = AuditLog(self.db)
         self.registry = ModelRegistry(home / "registry", KeyStore(home / "keys"), self.db)
         self.run_id = 0
+        self.run_key = ""  # kept across resumptions; nodes key their ledger entries by it
+        self.completed_rounds = 0  # rounds a resumed run had already completed
+        self.flower_run = 0
         self._refused: dict[int, list[str]] = {}
         self._caps: dict[str, float] = {}  # institution -> the cap it last reported
 
     # ------------------------------------------------------------------ records
     def start_run(self) -> None:
+        """Record a new run, or reopen the named one (see the module docstring)."""
         spec = self.spec
         name = spec.federation.name
-        with self.db.session() as s:
+        text = spec_json(spec)
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        resumed: dict[str, Any] | None = None
+        with self.db.session(immediate=True) as s:
             federation = s.get(Federation, name)
             if federation is None:
                 s.add(
                     Federation(
                         name=name,
                         sector=spec.federation.sector,
-                        spec_json=spec_json(spec),
+                        spec_json=text,
                         created_at=_now(),
                     )
                 )
             else:
-                federation.spec_json = spec_json(spec)
-            run = Run(
-                federation=name,
-                started_at=_now(),
-                status="running",
-                secure_aggregation=spec.secure_aggregation.enabled,
-                rounds_planned=spec.federation.rounds,
-                min_nodes=spec.federation.min_nodes,
-                config_json=json.dumps({"spec": str(self.settings.spec_path)}),
-            )
-            s.add(run)
-            s.flush()
+                federation.spec_json = text
+            run = self._named_run(s) if self.settings.run_name else None
+            if run is None:
+                config = {
+                    "spec": str(self.settings.spec_path),
+                    "name": self.settings.run_name or None,
+                    "key": uuid.uuid4().hex,
+                    "spec_sha256": digest,
+                    "attempts": 1,
+                }
+                run = Run(
+                    federation=name,
+                    started_at=_now(),
+                    status="running",
+                    secure_aggregation=spec.secure_aggregation.enabled,
+                    rounds_planned=spec.federation.rounds,
+                    min_nodes=spec.federation.min_nodes,
+                    config_json=json.dumps(config),
+                )
+                s.add(run)
+                s.flush()
+            else:
+                config = json.loads(run.config_json)
+                where = f"run-name {self.settings.run_name!r} (run {run.id} of {name})"
+                if run.status == "completed":
+                    raise RunNotResumable(
+                        f"{where} has completed; give a new run-name for a new run"
+                    )
+                if config.get("spec_sha256") != digest:
+                    raise RunNotResumable(
+                        f"{where} started from another spec (or rounds/steps); resume it "
+                        "with the same spec and overrides, or give a new run-name"
+                    )
+                config["attempts"] = int(config.get("attempts", 1)) + 1
+                run.config_json = json.dumps(config)
+                run.status = "running"
+                run.finished_at = None
+                self.completed_rounds = _completed_rounds(s, int(run.id))
+                resumed = {
+                    "name": self.settings.run_name,
+                    "attempt": config["attempts"],
+                    "completed_rounds": self.completed_rounds,
+                }
             self.run_id = int(run.id)
+            self.run_key = str(config["key"])
+        if resumed is not None:
+            self.audit.append(
+                "run_resumed",
+                ACTOR,
+                {
+                    "federation": name,
+                    "run": self.run_id,
+                    **resumed,
+                    "flower_run": self.flower_run,
+                },
+            )
+            return
         payload = {
             "federation": name,
             "run": self.run_id,
@@ -169,6 +262,8 @@ class FederationServer:
             "min_nodes": spec.federation.min_nodes,
             "secure_aggregation": spec.secure_aggregation.enabled,
             "target_epsilon": spec.privacy.target_epsilon if spec.privacy.is_private else "inf",
+            "name": self.settings.run_name or None,
+            "flower_run": self.flower_run,
         }
         self.audit.append("run_started", ACTOR, payload)
         if not spec.secure_aggregation.enabled:
@@ -181,6 +276,14 @@ class FederationServer:
                     "note": "the server sees each node's update",
                 },
             )
+
+    def _named_run(self, s: Any) -> Run | None:
+        """The latest run of this federation recorded under ``settings.run_name``."""
+        runs = s.scalars(
+            select(Run).where(Run.federation == self.spec.federation.name).order_by(Run.id)
+        ).all()
+        named = [r for r in runs if _run_config(r).get("name") == self.settings.run_name]
+        return named[-1] if named else None
 
     def finish_run(self, status: str, detail: str = "") -> None:
         with self.db.session() as s:
@@ -197,7 +300,8 @@ class FederationServer:
 
     # ------------------------------------------------------------------ the run
     def run(self, grid: Grid, context: Context) -> str:
-        """Run every round; returns the registered model id."""
+        """Run every round (a resumed run: those left); returns the registered model id."""
+        self.flower_run = int(context.run_id)
         self.start_run()
         try:
             model_id = self._rounds(grid, context)
@@ -210,10 +314,21 @@ class FederationServer:
     def _rounds(self, grid: Grid, context: Context) -> str:
         spec = self.spec
         secure = spec.secure_aggregation.enabled
-        initial = rounds.get_arrays(rounds.initial_model(spec))
+        existing = self._registered_model()
+        done = self.completed_rounds
+        if done or existing is not None:
+            self._recover_audit(done, existing)
+        if existing is not None:
+            return existing  # registered just before a crash: nothing left to do
+        initial = (
+            self.registry.load_checkpoint(spec.federation.name, self.run_id, done)
+            if done
+            else rounds.get_arrays(rounds.initial_model(spec))
+        )
         message_config: dict[str, Scalar] = {
             protocol.SPEC: spec_json(spec),
             protocol.RUN: self.run_id,
+            protocol.RUN_KEY: self.run_key,
         }
         strategy = FederationStrategy(
             initial=ndarrays_to_parameters(initial),
@@ -222,6 +337,9 @@ class FederationServer:
             message_config=message_config,
             evaluation_rounds=spec.federation.evaluation_rounds(),
         )
+        self._restore(strategy, done)
+        if done >= spec.federation.rounds:
+            return self._register(initial, strategy, done)
         legacy = LegacyContext(
             context, config=ServerConfig(num_rounds=spec.federation.rounds), strategy=strategy
         )
@@ -246,37 +364,20 @@ class FederationServer:
             default_init_params_workflow(grid, legacy)
             cfg = ConfigRecord({Key.START_TIME: time.time()})
             legacy.state.config_records[MAIN_CONFIGS_RECORD] = cfg
-            trained_rounds = 0
-            for server_round in range(1, spec.federation.rounds + 1):
+            trained_rounds = done
+            for server_round in range(done + 1, spec.federation.rounds + 1):
                 cfg[Key.CURRENT_ROUND] = server_round
                 started = _now()
-                accepted = self._ask_budgets(grid, server_round, message_config)
-                strategy.eligible = set(accepted)
-                if len(accepted) < spec.federation.min_nodes:
+                try:
+                    trained = self._round(
+                        grid, legacy, strategy, fit_workflow, server_round, message_config
+                    )
+                except Exception as exc:
+                    self._round_failed(server_round, started, exc)
+                    raise
+                if not trained:
                     self._record_round(server_round, "skipped", started, strategy)
-                    self.audit.append(
-                        "round_skipped",
-                        ACTOR,
-                        {
-                            "federation": spec.federation.name,
-                            "run": self.run_id,
-                            "round": server_round,
-                            "accepted": sorted(accepted.values()),
-                            "reason": "fewer nodes within budget than federation.min_nodes",
-                        },
-                    )
                     break
-                fit_workflow(grid, legacy)
-                log = strategy.rounds.get(server_round)
-                if log is None or not log.aggregated:
-                    raise RoundFailed(f"round {server_round}: no aggregate was produced")
-                default_evaluate_workflow(grid, legacy)
-                arrays = parameters_to_ndarrays(
-                    compat.arrayrecord_to_parameters(
-                        legacy.state.array_records[MAIN_PARAMS_RECORD], keep_input=True
-                    )
-                )
-                self.registry.checkpoint(spec.federation.name, self.run_id, server_round, arrays)
                 self._record_round(server_round, "completed", started, strategy)
                 trained_rounds = server_round
         finally:
@@ -287,7 +388,54 @@ class FederationServer:
                 "no round trained: fewer than federation.min_nodes nodes accepted the first "
                 "round (see the node_refused_budget / node_invalid audit events)"
             )
-        return self._register(legacy, strategy, trained_rounds)
+        final = parameters_to_ndarrays(
+            compat.arrayrecord_to_parameters(
+                legacy.state.array_records[MAIN_PARAMS_RECORD], keep_input=True
+            )
+        )
+        return self._register(final, strategy, trained_rounds)
+
+    def _round(
+        self,
+        grid: Grid,
+        legacy: LegacyContext,
+        strategy: FederationStrategy,
+        fit_workflow: Callable[[Grid, LegacyContext], None],
+        server_round: int,
+        message_config: dict[str, Scalar],
+    ) -> bool:
+        """Ask, train, evaluate and checkpoint one round; False if it was skipped (too few
+        nodes within budget). Raises if the round fails."""
+        spec = self.spec
+        accepted = self._ask_budgets(grid, server_round, message_config)
+        strategy.eligible = set(accepted)
+        if len(accepted) < spec.federation.min_nodes:
+            self.audit.append(
+                "round_skipped",
+                ACTOR,
+                {
+                    "federation": spec.federation.name,
+                    "run": self.run_id,
+                    "round": server_round,
+                    "accepted": sorted(accepted.values()),
+                    "reason": "fewer nodes within budget than federation.min_nodes",
+                },
+            )
+            return False
+        fit_workflow(grid, legacy)
+        log = strategy.rounds.get(server_round)
+        if log is None or not log.aggregated:
+            raise RoundFailed(f"round {server_round}: no aggregate was produced")
+        default_evaluate_workflow(grid, legacy)
+        arrays = parameters_to_ndarrays(
+            compat.arrayrecord_to_parameters(
+                legacy.state.array_records[MAIN_PARAMS_RECORD], keep_input=True
+            )
+        )
+        # Checkpoint, then record: a round is done once recorded, and a resumed run
+        # starts from the checkpoint of the last round recorded done.
+        self.registry.checkpoint(spec.federation.name, self.run_id, server_round, arrays)
+        return True
 
     def _ask_budgets(
         self, grid: Grid, server_round: int, message_config: dict[str, Any]
@@ -404,29 +552,27 @@ class FederationServer:
     def _record_round(
         self, server_round: int, status: str, started: datetime, strategy: FederationStrategy
     ) -> None:
+        """The round, its trained participations and its scores, in one transaction: a
+        crash leaves all of them or none (then a resumed run does the round again). A row
+        left by an earlier failed attempt at this round is updated, never duplicated."""
         log = strategy.rounds.get(server_round)
         fitted = log.fitted if log else {}
-        for institution, metrics in fitted.items():
-            self._participation(
-                server_round,
-                institution,
-                "trained",
-                epsilon=_finite(metrics.get(protocol.EPSILON)),
-                delta=float(metrics.get(protocol.DELTA, 0.0)),
-                steps=int(metrics.get(protocol.STEPS, 0)),
-                cap=self._caps.get(institution),
-            )
         with self.db.session() as s:
-            s.add(
-                RoundRecord(
-                    run_id=self.run_id,
-                    round=server_round,
-                    status=status,
-                    started_at=started,
-                    finished_at=_now(),
-                    participants=len(fitted),
+            for institution, metrics in fitted.items():
+                s.add(
+                    Participation(
+                        run_id=self.run_id,
+                        round=server_round,
+                        node=institution,
+                        status="trained",
+                        epsilon_spent=_finite(metrics.get(protocol.EPSILON)),
+                        epsilon_cap=self._caps.get(institution),
+                        delta=float(metrics.get(protocol.DELTA, 0.0)),
+                        steps=int(metrics.get(protocol.STEPS, 0)),
+                        detail="re-sent its update" if metrics.get(protocol.RESENT) else "",
+                    )
                 )
-            )
+            _upsert_round(s, self.run_id, server_round, status, started, len(fitted))
             for institution, metrics in (log.evaluated if log else {}).items():
                 scores = {k: v for k, v in metrics.items() if k != protocol.INSTITUTION}
                 s.add(
@@ -459,6 +605,7 @@ class FederationServer:
                     "run": self.run_id,
                     "round": server_round,
                     "participants": sorted(fitted),
+                    "resent": sorted(k for k, m in fitted.items() if m.get(protocol.RESENT)),
                     "secure_aggregation": self.spec.secure_aggregation.enabled,
                     "spend": {
                         k: _finite(m.get(protocol.EPSILON)) for k, m in sorted(fitted.items())
@@ -466,15 +613,99 @@ class FederationServer:
                 },
             )
 
-    def _register(
-        self, legacy: LegacyContext, strategy: FederationStrategy, last_round: int
-    ) -> str:
+    def _round_failed(self, server_round: int, started: datetime, exc: BaseException) -> None:
+        """Record a round that produced no model: its row says failed (the checkpoint and
+        the model are those of the round before), and the audit chain says why."""
+        reason = f"{type(exc).__name__}: {exc}"[:2000]
+        with self.db.session() as s:
+            _upsert_round(s, self.run_id, server_round, "failed", started, 0)
+        self.audit.append(
+            "round_failed",
+            ACTOR,
+            {
+                "federation": self.spec.federation.name,
+                "run": self.run_id,
+                "round": server_round,
+                "reason": reason,
+            },
+        )
+
+    def _restore(self, strategy: FederationStrategy, done: int) -> None:
+        """What the records hold of the rounds a resumed run completed before (who trained,
+        with which reported spend, and their scores), for the model's metadata."""
+        if not done:
+            return
+        with self.db.session() as s:
+            trained = s.scalars(
+                select(Participation)
+                .where(Participation.run_id == self.run_id)
+                .where(Participation.status == "trained")
+                .where(Participation.round <= done)
+                .order_by(Participation.id)
+            ).all()
+            reports = s.scalars(
+                select(NodeReport)
+                .where(NodeReport.run_id == self.run_id)
+                .where(NodeReport.round <= done)
+                .order_by(NodeReport.id)
+            ).all()
+        for r in range(1, done + 1):
+            strategy.rounds[r] = RoundLog(aggregated=True)
+        for p in trained:
+            metrics: dict[str, Any] = {
+                protocol.DELTA: p.delta or 0.0,
+                protocol.STEPS: p.steps or 0,
+                protocol.INSTITUTION: p.node,
+            }
+            if p.epsilon_spent is not None:
+                metrics[protocol.EPSILON] = p.epsilon_spent
+            strategy.rounds[p.round].fitted[p.node] = metrics
+            if p.epsilon_cap is not None:
+                self._caps[p.node] = p.epsilon_cap
+        for report in reports:
+            strategy.rounds[report.round].evaluated[report.node] = json.loads(report.metrics_json)
+
+    def _recover_audit(self, done: int, model_id: str | None) -> None:
+        """A crash between a record's commit and its audit event (a round recorded done,
+        a model registered) leaves the event out; a resumed run appends it, marked
+        ``recovered``, so the chain tells every round once."""
+        keys = {"round_completed": "round", "model_registered": "model"}
+        logged: dict[str, set[Any]] = {event_type: set() for event_type in keys}
+        for event_type, key in keys.items():
+            after = 0
+            while batch := self.audit.events(event_type=event_type, after_seq=after, limit=1000):
+                logged[event_type].update(
+                    e.payload.get(key) for e in batch if e.payload.get("run") == self.run_id
+                )
+                after = batch[-1].seq
+        with self.db.session() as s:
+            trained = s.scalars(
+                select(Participation)
+                .where(Participation.run_id == self.run_id)
+                .where(Participation.status == "trained")
+            ).all()
+        base = {"federation": self.spec.federation.name, "run": self.run_id, "recovered": True}
+        for r in range(1, done + 1):
+            if r not in logged["round_completed"]:
+                participants = sorted({p.node for p in trained if p.round == r})
+                self.audit.append(
+                    "round_completed", ACTOR, {**base, "round": r, "participants": participants}
+                )
+        if model_id is not None and model_id not in logged["model_registered"]:
+            self.audit.append("model_registered", ACTOR, {**base, "model": model_id})
+
+    def _registered_model(self) -> str | None:
+        """The model version this run registered already, if any."""
+        with self.db.session() as s:
+            found = s.scalars(
+                select(ModelVersionRecord.id).where(ModelVersionRecord.run_id == self.run_id)
+            ).first()
+        return None if found is None else str(found)
+
+    def _register(self, arrays: list[Any], strategy: FederationStrategy, last_round: int) -> str:
         spec = self.spec
         model = rounds.initial_model(spec)
-        record = legacy.state.array_records[MAIN_PARAMS_RECORD]
-        rounds.set_arrays(
-            model, parameters_to_ndarrays(compat.arrayrecord_to_parameters(record, keep_input=True))
-        )
+        rounds.set_arrays(model, arrays)
         # Each node's latest report is its total (the ledger composes all its releases).
         node_privacy: dict[str, dict[str, float]] = {}
         participants: set[str] = set()
@@ -537,6 +768,48 @@ class FederationServer:
             },
         )
         return str(version.id)
+
+
+def _run_config(run: Run) -> dict[str, Any]:
+    try:
+        config = json.loads(run.config_json or "{}")
+    except json.JSONDecodeError:
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def _completed_rounds(s: Any, run_id: int) -> int:
+    """How many rounds of the run are recorded completed: they must be 1..k, else the
+    records do not say where to resume and this raises."""
+    done = sorted(
+        s.scalars(
+            select(RoundRecord.round)
+            .where(RoundRecord.run_id == run_id)
+            .where(RoundRecord.status == "completed")
+        ).all()
+    )
+    if done != list(range(1, len(done) + 1)):
+        raise RunNotResumable(f"run {run_id}: completed rounds {done} are not 1..k")
+    return len(done)
+
+
+def _upsert_round(
+    s: Any, run_id: int, server_round: int, status: str, started: datetime, participants: int
+) -> None:
+    row = s.scalars(
+        select(RoundRecord)
+        .where(RoundRecord.run_id == run_id)
+        .where(RoundRecord.round == server_round)
+    ).one_or_none()
+    if row is None:
+        row = RoundRecord(run_id=run_id, round=server_round)
+        s.add(row)
+    elif row.status == "completed":
+        raise RunNotResumable(f"run {run_id}: round {server_round} is already recorded done")
+    row.status = status
+    row.started_at = started
+    row.finished_at = _now()
+    row.participants = participants
 
 
 def _finite(value: Any) -> float | None:
