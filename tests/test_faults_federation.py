@@ -35,6 +35,7 @@ from flwr.common import (
 )
 from flwr.compat.common import recorddict_compat as compat
 from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
 
 from fedsynth.clients import app as node_app
 from fedsynth.clients.replay import ReleaseStore, ReplayError, digest
@@ -403,7 +404,10 @@ def run_status(home: Path) -> tuple[str, list[tuple[int, str]]] | None:
     """The named run's status and its rounds, from the ServerApp's records."""
     if not (home / "fedsynth.db").exists():
         return None
-    db = Database(database_url(home))
+    try:
+        db = Database(database_url(home))
+    except OperationalError:  # "database is locked": the ServerApp is creating its tables
+        return None
     try:
         with db.session() as s:
             runs = [
@@ -415,6 +419,8 @@ def run_status(home: Path) -> tuple[str, list[tuple[int, str]]] | None:
                 return None
             rows = s.scalars(select(RoundRecord).where(RoundRecord.run_id == runs[-1].id)).all()
             return runs[-1].status, sorted((r.round, r.status) for r in rows)
+    except OperationalError:  # locked by a writer for longer than the busy timeout: poll again
+        return None
     finally:
         db.dispose()
 
