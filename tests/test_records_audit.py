@@ -5,7 +5,7 @@ import threading
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import create_engine, inspect, select, text
 from sqlalchemy.exc import IntegrityError, StatementError
 
 from fedsynth.server.audit import GENESIS_HASH, AuditLog, entry_hash
@@ -233,3 +233,20 @@ def test_events_filter_and_page(db):
         log.events(limit=0)
     with pytest.raises(ValueError, match="naive"):
         log.events(since=datetime.now())
+
+
+def test_processes_creating_a_fresh_database_at_once_all_succeed(tmp_path):
+    """Two processes opening a new SQLite database at the same moment (a ServerApp and
+    ``fedsynth serve``, say) both get their tables instead of "database is locked"."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from fedsynth.server.records import Database; "
+        "Database(f'sqlite:///{sys.argv[1]}').dispose()"
+    )
+    for i in range(3):
+        path = tmp_path / f"fresh{i}.db"
+        procs = [subprocess.Popen([sys.executable, "-c", code, str(path)]) for _ in range(4)]
+        assert [p.wait(timeout=120) for p in procs] == [0, 0, 0, 0]
+        assert "audit_events" in inspect(create_engine(f"sqlite:///{path}")).get_table_names()
