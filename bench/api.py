@@ -71,6 +71,27 @@ def rss_mib(pid: int) -> float:
     return total + sum(rss_mib(int(child)) for child in children)
 
 
+def start_server(home: Path, *args: str) -> tuple[subprocess.Popen[bytes], str]:
+    """``fedsynth serve ARGS`` over ``home`` on a free port, in its own session (stop it
+    with ``os.killpg``); returns once /health answers, with the process and its URL."""
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "fedsynth.cli", "serve", "--port", str(port), *args],
+        env=dict(os.environ, FEDSYNTH_HOME=str(home)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            if httpx.get(f"{url}/health").status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    return server, url
+
+
 def prepare(home: Path) -> tuple[str, Any]:
     """Train the bank model (the spec's settings), register it, make an analyst key."""
     spec = load_spec(REPO / "federations" / "bank.toml")
@@ -179,34 +200,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fedsynth-api-bench-") as tmp:
         home = Path(tmp)
         token, model = prepare(home)
-        port = free_port()
-        env = dict(os.environ, FEDSYNTH_HOME=str(home))
-        server = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "fedsynth.cli",
-                "serve",
-                "--port",
-                str(port),
-                "--max-rows",
-                str(rows_big),
-                "--workers",
-                str(args.workers),
-            ],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
+        server, url = start_server(
+            home, "--max-rows", str(rows_big), "--workers", str(args.workers)
         )
-        url = f"http://127.0.0.1:{port}"
         try:
-            for _ in range(300):
-                try:
-                    if httpx.get(f"{url}/health").status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    time.sleep(0.1)
             headers = {"Authorization": f"Bearer {token}"}
             with httpx.Client(base_url=url, headers=headers, timeout=600) as client:
                 for _ in range(4):  # warm-up: model load and first imports, in every worker

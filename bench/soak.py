@@ -24,15 +24,13 @@ import json
 import os
 import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
-from api import free_port, prepare, rss_mib  # bench/api.py: same model, same server
+from api import prepare, rss_mib, start_server  # bench/api.py: same model, same server
 from sqlalchemy import func, select
 
 from fedsynth.server.api.keys import KeyStore
@@ -129,23 +127,8 @@ def main() -> None:
         analyst, _ = prepare(home)
         db = Database(database_url(home))
         _, compliance = KeyStore(db).create("compliance", label="soak")
-        port = free_port()
-        server = subprocess.Popen(
-            [sys.executable, "-m", "fedsynth.cli", "serve", "--port", str(port)]
-            + ["--workers", str(args.workers)],
-            env=dict(os.environ, FEDSYNTH_HOME=str(home)),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
-        url = f"http://127.0.0.1:{port}"
+        server, url = start_server(home, "--workers", str(args.workers))
         try:
-            for _ in range(600):
-                try:
-                    if httpx.get(f"{url}/health").status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    time.sleep(0.1)
             with httpx.Client(base_url=url, timeout=60) as warm:  # model load, first imports
                 for fmt in FORMATS:
                     body = {"n": 100, "seed": 0, "format": fmt}
