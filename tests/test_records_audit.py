@@ -2,13 +2,15 @@
 
 import sqlite3
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import create_engine, inspect, select, text
+from sqlalchemy import create_engine, event, inspect, select, text
 from sqlalchemy.exc import IntegrityError, StatementError
 
-from fedsynth.server.audit import GENESIS_HASH, AuditLog, entry_hash
+from fedsynth.server import audit
+from fedsynth.server.audit import GENESIS_HASH, AuditLog, AuditWriteError, entry_hash
 from fedsynth.server.records import (
     AuditEvent,
     Database,
@@ -18,6 +20,7 @@ from fedsynth.server.records import (
     Run,
     database_url,
 )
+from tests.test_faults_api import file_size_limit
 
 
 @pytest.fixture
@@ -140,6 +143,60 @@ def test_chain_verifies_after_concurrent_appends_from_four_threads(db):
     for n in range(4):  # every thread's events kept, in the order it appended them
         mine = log.events(actor=f"t{n}", limit=1000)
         assert [e.payload["i"] for e in mine] == list(range(50))
+
+
+def _queue_behind_a_writer(log, events):
+    """Start one thread per event while another writer holds the append lock, so that the
+    events queue up; returns (threads, outcomes by event, release)."""
+    outcomes = {}
+
+    def append(name):
+        try:
+            outcomes[name] = log.append("test.event", name, {"name": name})
+        except Exception as exc:  # checked by the caller
+            outcomes[name] = exc
+
+    audit._APPEND_LOCK.acquire()
+    threads = [threading.Thread(target=append, args=(name,)) for name in events]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 30
+    while len(log._queue) < len(events) - 1:  # the first one took the lock's turn
+        assert time.monotonic() < deadline, "events did not queue"
+        time.sleep(0.01)
+    return threads, outcomes, audit._APPEND_LOCK.release
+
+
+def test_queued_events_are_written_in_one_transaction_in_queue_order(db):
+    log = AuditLog(db)
+    commits = []
+    event.listen(db.engine, "commit", lambda conn: commits.append(1))
+    names = [f"e{i}" for i in range(16)]
+    threads, outcomes, release = _queue_behind_a_writer(log, names)
+    release()
+    for t in threads:
+        t.join(timeout=30)
+    assert not any(t.is_alive() for t in threads)
+    assert len(commits) == 2  # the first event alone, then the 15 queued behind it
+    stored = log.events(limit=100)
+    assert [e.seq for e in stored] == list(range(1, 17))
+    assert {e.seq: e for e in stored} == {e.seq: e for e in outcomes.values()}
+    assert log.verify().ok
+
+
+def test_a_failed_batch_raises_in_every_waiter_and_the_chain_goes_on(db, tmp_path):
+    log = AuditLog(db)
+    log.append("before", "test", {})
+    threads, outcomes, release = _queue_behind_a_writer(log, [f"e{i}" for i in range(8)])
+    with file_size_limit(0):  # as a full disk: every write fails
+        release()
+        for t in threads:
+            t.join(timeout=30)
+    assert not any(t.is_alive() for t in threads)
+    assert all(isinstance(o, AuditWriteError) for o in outcomes.values()), outcomes
+    assert "nothing was written" in str(outcomes["e3"])
+    assert log.count() == 1
+    assert log.append("after", "test", {}).seq == 2 and log.verify().ok
 
 
 def test_concurrent_appends_from_separate_database_objects(tmp_path):

@@ -40,6 +40,8 @@ from fedsynth.server.records import AuditEvent, Database
 GENESIS_HASH = "0" * 64
 APPEND_ATTEMPTS = 8
 MAX_EVENTS = 1000
+#: Events written in one transaction at most (group commit).
+MAX_BATCH = 256
 
 _APPEND_LOCK = threading.Lock()
 
@@ -67,11 +69,26 @@ class ChainStatus:
     reason: str
 
 
+@dataclass
+class _Pending:
+    """An event waiting for the group commit, and what became of it."""
+
+    event_type: str
+    actor: str
+    payload_json: str
+    also: Callable[[Session], None] | None
+    entry: AuditEntry | None = None
+    error: Exception | None = None
+
+
 class AuditLog:
     """The audit trail of one database."""
 
     def __init__(self, db: Database) -> None:
         self._db = db
+        self._queue: list[_Pending] = []  # group commit: events waiting to be written
+        self._writing = False  # a thread is writing a batch
+        self._turn = threading.Condition()
 
     def append(
         self,
@@ -93,52 +110,96 @@ class AuditLog:
             raise TypeError(f"audit payload must be a dict, got {type(payload).__name__}")
         _check_json(payload, "payload")
         payload_json = _canonical(payload)
-        with _APPEND_LOCK:
-            for attempt in range(APPEND_ATTEMPTS):
+        if also is not None:  # alone: its change may refuse, and must not fail others
+            with _APPEND_LOCK:
+                return self._write([_Pending(event_type, actor, payload_json, also)])[0]
+        # Group commit: while one thread writes a batch, the others queue their events; the
+        # next free thread writes all of them in one transaction (one commit, one fsync),
+        # so concurrent requests do not wait in line for each other's commits (bench/api.py
+        # latency). Queue order is chain order.
+        mine = _Pending(event_type, actor, payload_json, None)
+        with self._turn:
+            self._queue.append(mine)
+            while mine.entry is None and mine.error is None:
+                if self._writing:  # woken when that batch is written
+                    self._turn.wait()
+                    continue
+                self._writing = True
+                batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+                self._turn.release()  # others queue up while this batch is written
                 try:
-                    return self._append_once(event_type, actor, payload_json, also)
-                except SQLAlchemyError as exc:
-                    reason = str(getattr(exc, "orig", None) or type(exc).__name__)
-                    retry = isinstance(exc, IntegrityError) or (
-                        isinstance(exc, OperationalError) and "locked" in reason.lower()
-                    )
-                    if not retry or attempt == APPEND_ATTEMPTS - 1:
-                        raise AuditWriteError(
-                            f"audit log: cannot append a {event_type!r} event to {self._db!r} "
-                            f"({reason}); nothing was written and the chain is unchanged"
-                        ) from exc
-                    time.sleep(0.01 * 2**attempt)
+                    self._write_batch(batch)
+                finally:
+                    self._turn.acquire()
+                    self._writing = False
+                    self._turn.notify_all()
+        if mine.error is not None:
+            raise mine.error
+        assert mine.entry is not None
+        return mine.entry
+
+    def _write_batch(self, batch: list[_Pending]) -> None:
+        """Write ``batch`` and hand each waiter its entry, or the error to raise."""
+        try:
+            with _APPEND_LOCK:
+                entries = self._write(batch)
+        except Exception as exc:  # every waiter of the batch raises it, none waits forever
+            for pending in batch:
+                pending.error = exc
+        else:
+            for pending, entry in zip(batch, entries, strict=True):
+                pending.entry = entry
+
+    def _write(self, batch: list[_Pending]) -> list[AuditEntry]:
+        """Write ``batch`` in one transaction, retrying a lost race; the caller holds the lock."""
+        for attempt in range(APPEND_ATTEMPTS):
+            try:
+                return self._append_once(batch)
+            except SQLAlchemyError as exc:
+                reason = str(getattr(exc, "orig", None) or type(exc).__name__)
+                retry = isinstance(exc, IntegrityError) or (
+                    isinstance(exc, OperationalError) and "locked" in reason.lower()
+                )
+                if not retry or attempt == APPEND_ATTEMPTS - 1:
+                    kinds = ", ".join(sorted({repr(p.event_type) for p in batch}))
+                    raise AuditWriteError(
+                        f"audit log: cannot append a {kinds} event to {self._db!r} "
+                        f"({reason}); nothing was written and the chain is unchanged"
+                    ) from exc
+                time.sleep(0.01 * 2**attempt)
         raise AssertionError("unreachable")
 
-    def _append_once(
-        self,
-        event_type: str,
-        actor: str,
-        payload_json: str,
-        also: Callable[[Session], None] | None,
-    ) -> AuditEntry:
+    def _append_once(self, batch: list[_Pending]) -> list[AuditEntry]:
+        entries = []
         with self._db.session(immediate=True) as session:
-            if also is not None:
-                also(session)
+            for pending in batch:
+                if pending.also is not None:
+                    pending.also(session)
             last = session.execute(
                 select(AuditEvent.seq, AuditEvent.hash).order_by(AuditEvent.seq.desc()).limit(1)
             ).first()
-            seq, prev_hash = (last[0] + 1, last[1]) if last else (1, GENESIS_HASH)
-            created_at = _timestamp(datetime.now(UTC))
-            payload = json.loads(payload_json)
-            digest = entry_hash(seq, created_at, event_type, actor, payload, prev_hash)
-            session.add(
-                AuditEvent(
-                    seq=seq,
-                    created_at=created_at,
-                    event_type=event_type,
-                    actor=actor,
-                    payload_json=payload_json,
-                    prev_hash=prev_hash,
-                    hash=digest,
+            seq, prev_hash = (last[0], last[1]) if last else (0, GENESIS_HASH)
+            for p in batch:
+                seq += 1
+                created_at = _timestamp(datetime.now(UTC))
+                payload = json.loads(p.payload_json)
+                digest = entry_hash(seq, created_at, p.event_type, p.actor, payload, prev_hash)
+                session.add(
+                    AuditEvent(
+                        seq=seq,
+                        created_at=created_at,
+                        event_type=p.event_type,
+                        actor=p.actor,
+                        payload_json=p.payload_json,
+                        prev_hash=prev_hash,
+                        hash=digest,
+                    )
                 )
-            )
-        return AuditEntry(seq, created_at, event_type, actor, payload, prev_hash, digest)
+                entries.append(
+                    AuditEntry(seq, created_at, p.event_type, p.actor, payload, prev_hash, digest)
+                )
+                prev_hash = digest
+        return entries
 
     def verify(self) -> ChainStatus:
         """Walk the chain in ``seq`` order and report the first entry that is wrong."""
