@@ -65,15 +65,24 @@ def to_arrow(frame: pd.DataFrame, schema: Schema) -> pa.Table:
 
 
 def iter_encoded(
-    chunks: Iterable[pd.DataFrame], schema: Schema, fmt: str, provenance: dict[str, str]
+    chunks: Iterable[pd.DataFrame],
+    schema: Schema,
+    fmt: str,
+    provenance: dict[str, str],
+    *,
+    ahead: bool = True,
 ) -> Iterator[bytes]:
-    """Serialise chunks one by one; the bytes of each chunk are yielded as soon as ready."""
+    """Serialise chunks one by one; the bytes of each chunk are yielded as soon as ready.
+
+    ``ahead=False`` generates in the caller's thread: for a single chunk a worker thread
+    only adds its start and hand-over to the request.
+    """
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     sink = _Sink()
     writer: pa_csv.CSVWriter | pq.ParquetWriter | None = None
     arrow_schema = None
-    for chunk in read_ahead(chunks, READ_AHEAD):
+    for chunk in read_ahead(chunks, READ_AHEAD) if ahead else chunks:
         table = to_arrow(chunk, schema)
         if arrow_schema is None:
             arrow_schema = table.schema.with_metadata(
