@@ -16,6 +16,7 @@ same run, our DP training throughput against the same model without DP.
 
     python bench/utility.py --quick          # bank, ours only (< 5 minutes)
     python bench/utility.py                  # everything (baselines venv built if missing)
+    python bench/utility.py --datasets retail --methods smartnoise-aim   # one method's rows
 """
 
 from __future__ import annotations
@@ -202,6 +203,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="bank only, ours only")
     parser.add_argument("--datasets", nargs="*", default=None)
     parser.add_argument("--no-baselines", action="store_true")
+    parser.add_argument(
+        "--methods",
+        nargs="*",
+        default=None,
+        choices=(*OURS, *BASELINES),
+        help="run only these methods; their rows replace the same rows in the results",
+    )
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     datasets = ("bank",) if args.quick else tuple(args.datasets or DATASETS)
@@ -218,6 +226,8 @@ def main() -> None:
         jobs = [(m, e) for m in OURS for e in (1.0, 3.0, math.inf)]
         if with_baselines:
             jobs += [(m, e) for m, eps in BASELINES.items() for e in eps]
+        if args.methods:
+            jobs = [(m, e) for m, e in jobs if m in args.methods]
         for method, epsilon in jobs:
             eps_label = "inf" if epsilon in (math.inf, "inf") else float(epsilon)
             started = time.perf_counter()
@@ -259,12 +269,25 @@ def main() -> None:
                 }
                 print(json.dumps(summary), flush=True)
 
-    # Merge: rows of the tables run now replace their old rows; other tables' rows stay.
+    # Merge: each row run now replaces the old row for its (dataset, method, epsilon); the rest
+    # stay. Sorted by table, then in the order the jobs run.
+    def key(r: dict) -> tuple:
+        return r["dataset"], r["method"], str(r["epsilon"])
+
+    order = [*OURS, *BASELINES]
     kept = []
     if RESULTS.exists():
+        ran = {key(r) for r in rows}
         kept = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
-        kept = [r for r in kept if r["dataset"] not in datasets]
-    merged = sorted(kept + rows, key=lambda r: DATASETS.index(r["dataset"]))
+        kept = [r for r in kept if key(r) not in ran]
+    merged = sorted(
+        kept + rows,
+        key=lambda r: (
+            DATASETS.index(r["dataset"]),
+            order.index(r["method"]),
+            math.inf if r["epsilon"] == "inf" else r["epsilon"],
+        ),
+    )
     RESULTS.write_text("".join(json.dumps(r) + "\n" for r in merged))
     partial.unlink()
     write_doc(merged)
