@@ -65,6 +65,7 @@ from flwr.server.workflow.default_workflows import (
 )
 from flwr.serverapp import ServerApp
 from flwr.serverapp.grid import Grid
+from flwr.superlink.grid.http_grid import HttpGrid
 from sqlalchemy import select
 
 from fedsynth.generative import rounds
@@ -73,6 +74,7 @@ from fedsynth.home import fedsynth_home
 from fedsynth.privacy import protocol
 from fedsynth.privacy.keys import KeyStore
 from fedsynth.server.audit import AuditLog
+from fedsynth.server.prompt_grid import PromptGrid
 from fedsynth.server.records import (
     Database,
     Federation,
@@ -833,6 +835,8 @@ def make_server_app(
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         config = {**dict(context.run_config), **(overrides or {})}
+        if isinstance(grid, HttpGrid):  # the deployment engine: see fedsynth.server.prompt_grid
+            grid = PromptGrid(grid)
         FederationServer(ServerSettings.from_run_config(config), on_round).run(grid, context)
 
     return app
