@@ -10,19 +10,17 @@ every sample request and key change are audit events in the same hash chain as t
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
 import math
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import anyio.to_thread
 import torch
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, status
 from fastapi import Path as PathParam
@@ -49,7 +47,6 @@ MEDIA_TYPES = {
 }
 ANALYST, COMPLIANCE, ADMIN = ROLES
 SYNTHETIC_ROWS = 16_384  # rows per streamed chunk
-REQUEST_THREADS = 8  # threads that run sync routes and stream chunks (see create_app)
 #: Largest integer a SQLite or PostgreSQL BIGINT column holds (cursors are audit ``seq``).
 MAX_INT64 = 2**63 - 1
 # Module level: FastAPI resolves the route annotations against this module's globals.
@@ -413,18 +410,7 @@ def create_app(
     torch.set_num_threads(1)
     services = Services(home, max_rows, auth_failures)
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # Sync routes run in anyio's thread pool (40 threads by default). Under load, 40
-        # threads contending for one interpreter serve requests out of order: at 50
-        # concurrent 1,000-row requests, p99 0.98 s with 40 threads and 0.72 s with 8
-        # (p50 0.45 and 0.50 s; bench/api.py's load, 30 s each, 2026-12-02). A chunk of a
-        # long stream holds a thread only while it is made.
-        anyio.to_thread.current_default_thread_limiter().total_tokens = REQUEST_THREADS
-        yield
-
     app = FastAPI(
-        lifespan=lifespan,
         title="fedsynth",
         version=fedsynth.__version__,
         description=(
