@@ -47,6 +47,22 @@ def test_tstr_single_class_synthetic_is_chance_with_a_note(split):
     assert result["trtr_auc"] > 0.75
 
 
+def test_tstr_ignores_a_feature_the_synthetic_rows_leave_all_null(split):
+    # DP-CTGAN at epsilon 1 did this to loans (bench/utility.py); scikit-learn's binning
+    # fails on a feature with no value at all.
+    train, holdout = split
+    synthetic = make_frame(2000, seed=13, shift=0.5)
+    for name in ("income", "visits", "signup", "segment", "member"):
+        synthetic[name] = pd.Series([None] * len(synthetic), dtype=synthetic[name].dtype)
+    result = tstr(train, synthetic, holdout, SCHEMA, seed=0)
+    assert result["tstr_auc"] > 0.6
+    assert result["trtr_auc"] > 0.75
+    for name in ("age", "region"):  # now no feature has a value
+        synthetic[name] = pd.Series([None] * len(synthetic), dtype=synthetic[name].dtype)
+    result = tstr(train, synthetic, holdout, SCHEMA, seed=0)
+    assert result["tstr_auc"] == 0.5 and "every feature is null" in result["note"]
+
+
 def test_tstr_drops_null_targets_and_handles_no_target_and_multiclass(split):
     train, holdout = split
     holdout = holdout.copy()

@@ -79,6 +79,12 @@ def _fit_and_score(
             f"training rows hold {present.size} class(es): no classifier can be fitted, "
             "AUC set to 0.5 (chance)"
         )
+    # A feature with no value in the training rows tells the classifier nothing, and
+    # scikit-learn's binning fails on it (1.9: "window shape cannot be larger than input").
+    empty = [name for name in x_train.columns if x_train[name].isna().all()]
+    x_train, x_test = x_train.drop(columns=empty), x_test.drop(columns=empty)
+    if x_train.shape[1] == 0:
+        return 0.5, "every feature is null in the training rows: AUC set to 0.5 (chance)"
     model = HistGradientBoostingClassifier(
         categorical_features="from_dtype", early_stopping=False, random_state=seed
     )
