@@ -349,7 +349,7 @@ class Services:
         audited = _audited(stream, self.audit, f"key:{who.key_id}", record)
         if one_chunk:
             # Made here, in the request's worker thread, audit event included: streaming one
-            # chunk costs a thread hop per chunk and at the end (bench/api.py latency).
+            # chunk would add a read-ahead thread and a thread hop per chunk and at the end.
             return Response(b"".join(audited), media_type=MEDIA_TYPES[body.format], headers=headers)
         return StreamingResponse(audited, media_type=MEDIA_TYPES[body.format], headers=headers)
 
@@ -409,7 +409,6 @@ def create_app(
     # threads, 328k with 1; python bench/api.py measures the server).
     torch.set_num_threads(1)
     services = Services(home, max_rows, auth_failures)
-
     app = FastAPI(
         title="fedsynth",
         version=fedsynth.__version__,
