@@ -181,3 +181,43 @@ def test_strategy_refuses_individual_updates_under_secure_aggregation_and_small_
         strategy.aggregate_fit(2, individual, [])
     with pytest.raises(RoundFailed, match="fewer than federation.min_nodes = 3"):
         strategy.aggregate_fit(3, results[:2], [])
+
+
+def test_strategy_steps_from_the_round_start_model_along_the_weighted_average():
+    weights = [(300.0, 6), (100.0, 2)]
+    seen = []
+
+    def step(updates):
+        seen.append(updates)
+        return 2.0
+
+    start = [np.zeros(2, dtype=np.float32), np.array([0.5, 0.5], dtype=np.float32)]
+    strategy = FederationStrategy(
+        initial=ndarrays_to_parameters(start),
+        min_nodes=2,
+        secure=False,
+        message_config={},
+        server_step=step,
+    )
+    # The round starts from another model than the initial one (a later round).
+    current = [np.ones(2, dtype=np.float32), np.array([0.5, 0.5], dtype=np.float32)]
+    strategy.configure_fit(3, ndarrays_to_parameters(current), _NoClients())
+    results = []
+    for i, (rows, steps) in enumerate(weights):
+        res = _result(
+            [np.full(2, 1.0 + (i + 1), np.float32), np.array([i, 1 - i], np.float32)], f"n{i}"
+        )
+        res.num_examples, res.metrics[protocol.STEPS] = int(rows), steps
+        results.append((_Proxy(i), res))
+    aggregate, _ = strategy.aggregate_fit(3, results, [])
+    weights_out, shares = parameters_to_ndarrays(aggregate)
+    average = (300 * 2.0 + 100 * 3.0) / 400  # 2.25: FedAvg of the weights
+    assert weights_out.tolist() == pytest.approx([1.0 + 2.0 * (average - 1.0)] * 2)
+    assert shares.tolist() == pytest.approx([0.25, 0.75])  # the pooled shares, not stepped
+    assert seen == [[(300.0, 6), (100.0, 2)]]
+    assert strategy.rounds[3].server_learning_rate == 2.0
+
+
+class _NoClients:
+    def all(self):
+        return {}

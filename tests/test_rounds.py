@@ -156,3 +156,47 @@ def test_evaluation_rounds_are_every_kth_and_always_the_last():
     assert parse_spec(raw).federation.evaluation_rounds() == [3, 6, 7]
     raw["federation"]["evaluate_every"] = 0
     assert parse_spec(raw).federation.evaluation_rounds() == [7]
+
+
+def _epochs_spec(**federation):
+    raw = small_spec_dict()
+    raw["training"] = {"epochs": 20, "batch_size": 512, "seed": 0}
+    raw["federation"].update(rounds=5, **federation)
+    return parse_spec(raw)
+
+
+def test_the_server_steps_as_far_as_the_pooled_rows_would_in_a_round():
+    spec = _epochs_spec()
+    # The bank table's three non-IID nodes: 5,755, 582 and 1,663 rows take 48, 8 and 16
+    # steps a round; the pooled 8,000 rows would take 20 * 16 / 5 = 64.
+    updates = [(5755.0, 48), (582.0, 8), (1663.0, 16)]
+    mean_steps = (5755 * 48 + 582 * 8 + 1663 * 16) / 8000
+    assert rounds.server_step(spec, updates) == pytest.approx(64 / mean_steps)
+    # Nodes smaller than a batch take as many steps as the pooled rows would: FedAvg.
+    assert rounds.server_step(spec, [(100.0, 4)] * 3) == 1.0
+    # Never further than the steps the nodes took together (3 x 4), whatever the weights.
+    assert rounds.server_step(spec, [(5000.0, 4)] * 3) == pytest.approx(3.0)
+    # One node holding everything: plain FedAvg, never a shorter step.
+    assert rounds.server_step(spec, [(8000.0, 64)]) == 1.0
+    assert rounds.server_step(spec, [(0.0, 0)]) == 1.0
+    fixed = _epochs_spec(server_learning_rate=1.0)
+    assert rounds.server_step(fixed, updates) == 1.0
+
+
+@pytest.mark.parametrize("value", [0, -1, "fast", 1000])
+def test_a_bad_server_learning_rate_is_named(value):
+    raw = small_spec_dict()
+    raw["federation"]["server_learning_rate"] = value
+    with pytest.raises(SpecError, match="federation.server_learning_rate"):
+        parse_spec(raw)
+
+
+def test_step_along_extrapolates_the_weights_and_keeps_the_pooled_shares():
+    current = [np.zeros(2, dtype=np.float32), np.array([0.5, 0.5], dtype=np.float32)]
+    average = [np.array([1.0, -2.0], dtype=np.float32), np.array([0.9, 0.1], dtype=np.float32)]
+    stepped = rounds.step_along(current, average, 1.5)
+    assert stepped[0].tolist() == [1.5, -3.0] and stepped[0].dtype == np.float32
+    assert stepped[1].tolist() == pytest.approx([0.9, 0.1])
+    assert rounds.step_along(current, average, 1.0)[0].tolist() == [1.0, -2.0]
+    with pytest.raises(ValueError, match="expected 2 arrays"):
+        rounds.step_along(current, average[:1], 1.0)

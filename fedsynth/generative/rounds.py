@@ -197,6 +197,47 @@ def shares_of(model: SynthModel) -> list[float]:
     return list(release["probabilities"]) if release else [1.0]
 
 
+def server_step(spec: FederationSpec, updates: list[tuple[float, int]]) -> float:
+    """How far the server moves along the nodes' weighted-average update in a round.
+
+    ``updates`` holds each participant's FedAvg weight (its noisy row count) and its DP-SGD
+    steps that round. Plain FedAvg (factor 1) moves the global model as far as the
+    weighted-average node moved: about ``sum(w * steps) / sum(w)`` Adam steps, while one
+    model trained on the pooled rows takes ``planned_steps(pooled rows) / rounds`` steps a
+    round (each Adam step moves the weights about one learning rate, whatever the batch).
+    With the bank table over three non-IID nodes that is 38.5 against 62.5 steps, and
+    federated quality fell 0.05-0.08 below central. "auto" scales the average update by
+    that ratio (never below 1, never above the nodes' summed steps): an extrapolating
+    server learning rate in the sense of Reddi et al., "Adaptive Federated Optimization"
+    (ICLR 2021), with the factor set by step counts as FedNova (Wang et al., NeurIPS 2020)
+    normalises by them. It uses only what the server already holds (weights, reported
+    steps) and keeps no state across rounds, so a resumed run is unchanged.
+    """
+    chosen = spec.federation.server_learning_rate
+    if chosen != "auto":
+        return float(chosen)
+    total = sum(w for w, _ in updates)
+    mean_steps = sum(w * t for w, t in updates) / total if total > 0 else 0.0
+    if mean_steps <= 0:
+        return 1.0
+    pooled = spec.training.planned_steps(round(total)) / spec.federation.rounds
+    return max(1.0, min(pooled, sum(t for _, t in updates)) / mean_steps)
+
+
+def step_along(
+    current: list[np.ndarray], average: list[np.ndarray], factor: float
+) -> list[np.ndarray]:
+    """``current + factor * (average - current)`` for every weight; the target shares (the
+    last array, :func:`get_arrays`) are the nodes' pooled release and are taken as averaged."""
+    if len(current) != len(average):
+        raise ValueError(f"expected {len(current)} arrays, got {len(average)}")
+    stepped = [
+        (c + factor * (a - c)).astype(np.float32, copy=False)
+        for c, a in zip(current[:-1], average[:-1], strict=True)
+    ]
+    return [*stepped, average[-1]]
+
+
 # ---------------------------------------------------------------------------- one node
 
 

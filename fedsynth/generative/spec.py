@@ -38,6 +38,10 @@ class FederationSection(_Section):
     # Nodes score the model after every k-th round and after the last; 0: the last only.
     # Each evaluation costs budget (privacy.evaluation_share is spread over them).
     evaluate_every: Annotated[int, Field(ge=0)] = 0
+    # Step the server takes along the nodes' averaged update: "auto" (as far as the pooled
+    # rows would move one central model in a round, fedsynth.server.strategy.server_step),
+    # or a fixed factor (1.0 is plain FedAvg).
+    server_learning_rate: Literal["auto"] | Annotated[float, Field(gt=0, le=100)] = "auto"
 
     def evaluation_rounds(self) -> list[int]:
         every = [

@@ -39,6 +39,7 @@ Two servers resuming one name at once is an operator error this does not detect.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -338,6 +339,7 @@ class FederationServer:
             secure=secure,
             message_config=message_config,
             evaluation_rounds=spec.federation.evaluation_rounds(),
+            server_step=functools.partial(rounds.server_step, spec),
         )
         self._restore(strategy, done)
         if done >= spec.federation.rounds:
@@ -609,6 +611,11 @@ class FederationServer:
                     "participants": sorted(fitted),
                     "resent": sorted(k for k, m in fitted.items() if m.get(protocol.RESENT)),
                     "secure_aggregation": self.spec.secure_aggregation.enabled,
+                    "server_learning_rate": (
+                        round(log.server_learning_rate, 4)
+                        if log and log.server_learning_rate
+                        else None
+                    ),
                     "spend": {
                         k: _finite(m.get(protocol.EPSILON)) for k, m in sorted(fitted.items())
                     },

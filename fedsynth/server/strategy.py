@@ -1,4 +1,5 @@
-"""Weighted FedAvg over every trainable weight, restricted to the nodes that accepted.
+"""Weighted FedAvg over every trainable weight, restricted to the nodes that accepted,
+then a server step along the average (``fedsynth.generative.rounds.server_step``).
 
 The strategy trains only the nodes that said the round fits their budget (the server asks
 first, ``fedsynth.privacy.protocol``), refuses an aggregate of fewer than ``min_nodes``
@@ -10,14 +11,24 @@ for the server's records.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from flwr.common import EvaluateIns, FitIns, FitRes, Parameters, Scalar
+from flwr.common import (
+    EvaluateIns,
+    FitIns,
+    FitRes,
+    Parameters,
+    Scalar,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg
 
+from fedsynth.generative import rounds
 from fedsynth.privacy import protocol
 from fedsynth.server.secagg import RoundFailed
 
@@ -28,6 +39,7 @@ class RoundLog:
     failures: list[str] = field(default_factory=list)
     evaluated: dict[str, dict[str, Any]] = field(default_factory=dict)
     aggregated: bool = False
+    server_learning_rate: float | None = None  # the factor the server stepped by
 
 
 class FederationStrategy(FedAvg):
@@ -39,6 +51,7 @@ class FederationStrategy(FedAvg):
         secure: bool,
         message_config: dict[str, Scalar],
         evaluation_rounds: list[int] | None = None,
+        server_step: Callable[[list[tuple[float, int]]], float] | None = None,
     ) -> None:
         super().__init__(
             fraction_fit=1.0,
@@ -55,6 +68,10 @@ class FederationStrategy(FedAvg):
         self.evaluation_rounds = set(evaluation_rounds or [])
         self.eligible: set[int] = set()
         self.rounds: dict[int, RoundLog] = {}
+        # The global model the round's nodes start from (configure_fit hands it over), and
+        # how far to step from it along their average (rounds.server_step); None: FedAvg.
+        self.current = initial
+        self.server_step = server_step
 
     def _config(self, server_round: int) -> dict[str, Scalar]:
         return {**self.message_config, protocol.ROUND: server_round}
@@ -66,6 +83,7 @@ class FederationStrategy(FedAvg):
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
         self.rounds[server_round] = RoundLog()
+        self.current = parameters
         clients = self._eligible(client_manager)
         if len(clients) < self.min_nodes:
             return []
@@ -91,13 +109,25 @@ class FederationStrategy(FedAvg):
             first = results[0][1].parameters
             if any(res.parameters.tensors != first.tensors for _, res in results):
                 raise RoundFailed("secure aggregation handed the strategy individual updates")
-            aggregate: Parameters | None = (
-                first  # every result carries the same unmasked weighted average
-            )
+            aggregate = first  # every result carries the same unmasked weighted average
         else:
-            aggregate, _ = super().aggregate_fit(server_round, results, failures)
-            if aggregate is None:
+            averaged, _ = super().aggregate_fit(server_round, results, failures)
+            if averaged is None:
                 raise RoundFailed(f"round {server_round}: FedAvg produced no aggregate")
+            aggregate = averaged
+        if self.server_step is not None:
+            factor = self.server_step(
+                [
+                    (float(res.num_examples), int(res.metrics.get(protocol.STEPS, 0)))
+                    for _, res in results
+                ]
+            )
+            log.server_learning_rate = factor
+            aggregate = ndarrays_to_parameters(
+                rounds.step_along(
+                    parameters_to_ndarrays(self.current), parameters_to_ndarrays(aggregate), factor
+                )
+            )
         log.aggregated = True
         return aggregate, {}
 
