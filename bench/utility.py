@@ -210,6 +210,13 @@ def main() -> None:
         choices=(*OURS, *BASELINES),
         help="run only these methods; their rows replace the same rows in the results",
     )
+    parser.add_argument(
+        "--epsilons",
+        nargs="*",
+        default=None,
+        choices=("1", "3", "inf"),
+        help="run only these privacy budgets (a long baseline can be run one budget at a time)",
+    )
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     datasets = ("bank",) if args.quick else tuple(args.datasets or DATASETS)
@@ -228,6 +235,9 @@ def main() -> None:
             jobs += [(m, e) for m, eps in BASELINES.items() for e in eps]
         if args.methods:
             jobs = [(m, e) for m, e in jobs if m in args.methods]
+        if args.epsilons:
+            wanted = {float(e) for e in args.epsilons}
+            jobs = [(m, e) for m, e in jobs if float(e) in wanted]
         for method, epsilon in jobs:
             eps_label = "inf" if epsilon in (math.inf, "inf") else float(epsilon)
             started = time.perf_counter()
