@@ -142,7 +142,13 @@ def flwr(args: list[str], env: dict[str, str], timeout: float = 120) -> str:
 
 
 def node_join(
-    node: Path, key: Path, port: int, ca: Path, runtime_port: int, env: dict[str, str]
+    node: Path,
+    key: Path,
+    port: int,
+    ca: Path,
+    runtime_port: int,
+    env: dict[str, str],
+    warm: bool = True,
 ) -> subprocess.Popen[bytes]:
     """``python -m fedsynth.deploy node-join`` for a folder written by ``write_nodes``."""
     import tomllib
@@ -174,6 +180,7 @@ def node_join(
                 config["institution"],
                 "--runtime-port",
                 str(runtime_port),
+                "--warm" if warm else "--no-warm",
             ],
             env=env,
             cwd=node,
@@ -187,7 +194,13 @@ def node_join(
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
-    root = tmp_path_factory.mktemp("deployment")
+    yield deploy_and_run(tmp_path_factory.mktemp("deployment"))
+
+
+def deploy_and_run(root: Path, *, warm: bool = True) -> dict:
+    """Certificates, SuperLink, three nodes and an intruder, one ``flwr run``; every
+    process stopped before returning what the tests (and bench/deployment.py) read.
+    ``warm``: the nodes' fork-server executor (``node-join --warm``), else Flower's."""
     marker = f"{MARKER}={uuid.uuid4().hex}"
     base = {**os.environ, marker.split("=")[0]: marker.split("=")[1]}
     certs = create_server_certificates(root / "certs")
@@ -219,7 +232,7 @@ def deployment(tmp_path_factory):
         for i, node in enumerate(nodes):
             env = flower_environment(root / f"flwr-node-{i}", base)
             processes.append(
-                node_join(node, keys[i].private_key, port, certs.ca_cert, free_port(), env)
+                node_join(node, keys[i].private_key, port, certs.ca_cert, free_port(), env, warm)
             )
         refused = node_join(
             intruder,
@@ -247,6 +260,12 @@ def deployment(tmp_path_factory):
         flower_run = json.loads(out[out.index("{") :])["run-id"]
         status = wait_for_run(home, flower_run, cli_env)
         timings["run_s"] = time.monotonic() - started
+        (_, _, recorded), _ = registered_model(home)
+        timings |= {
+            f"round_{r.round}_s": (r.finished_at - r.started_at).total_seconds()
+            for r in recorded
+            if r.finished_at is not None
+        }
         try:
             refused_code: int | None = refused.wait(timeout=60)
         except subprocess.TimeoutExpired:
@@ -268,7 +287,7 @@ def deployment(tmp_path_factory):
         stop_everything(processes, marker)
     # Stopped before the tests run: the simulation below gets the CPU to itself.
     result["left_running"] = _running(marked_pids(marker))
-    yield result
+    return result
 
 
 def wait_for_run(home: Path, flower_run: str, env: dict[str, str]) -> str:
@@ -331,6 +350,14 @@ def test_the_run_completes_over_tls_and_registers_a_verified_model(deployment):
     report = {"round_s": seconds, **deployment["timings"]}
     (deployment["root"] / "timings.json").write_text(json.dumps(report))
     sys.__stderr__.write(f"\ndeployment timings (loopback, TLS): {json.dumps(report)}\n")
+
+
+def test_the_nodes_forked_their_client_apps_from_the_warm_server(deployment):
+    for node in deployment["nodes"]:
+        log = (node / "supernode.log").read_text(errors="replace")
+        assert "--isolation process" in log
+        # Budget query, three SecAgg+ stages with the training, evaluation: six tasks.
+        assert log.count("ClientApp forked from the warm server") >= 5, log[-3000:]
 
 
 def test_each_node_kept_its_own_ledger_and_outbox(deployment):

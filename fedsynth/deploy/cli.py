@@ -12,6 +12,7 @@ and ``node_join`` (checks its inputs, then becomes ``flower-supernode``).
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -192,6 +193,13 @@ def node_join(
     insecure: Annotated[
         bool, typer.Option(help="Connect WITHOUT TLS (testing on one machine only)")
     ] = False,
+    warm: Annotated[
+        bool,
+        typer.Option(
+            help="Start each ClientApp from a fork server with torch and Opacus loaded "
+            "(--no-warm: Flower's fresh process per message)"
+        ),
+    ] = True,
 ) -> None:
     """Check this node's inputs, then become ``flower-supernode`` connected to the
     SuperLink over TLS. The table never leaves this machine."""
@@ -238,10 +246,27 @@ def node_join(
             root_certificates=None if insecure else root_cert,
             private_key=key,
             runtime_port=runtime_port,
+            warm=warm,
         )
     except ValueError as exc:
         raise _fail(str(exc)) from None
-    _exec(cmd, launch.flower_environment(task_poll_s=launch.NODE_TASK_POLL_S))
+    env = launch.flower_environment(task_poll_s=launch.NODE_TASK_POLL_S)
+    if warm:
+        # execve keeps this pid, so the executor follows the SuperNode it becomes.
+        executor = launch.warm_executor_command(runtime_port, os.getpid())
+        subprocess.Popen(executor, env=env)  # noqa: S603 - our own interpreter and module
+    _exec(cmd, env)
+
+
+@deploy_app.command("node-executor", hidden=True)
+def node_executor(
+    runtime_api_address: Annotated[str, typer.Option(help="The SuperNode's Runtime API")],
+    parent_pid: Annotated[int, typer.Option(help="Exit when this process (the SuperNode) does")],
+) -> None:
+    """Run by ``node-join --warm``: Flower's SuperExec with a fork-server executor."""
+    from fedsynth.deploy import warm_executor
+
+    warm_executor.run(runtime_api_address, parent_pid)
 
 
 def _check_table(data: Path, spec: Path) -> None:

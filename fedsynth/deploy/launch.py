@@ -12,7 +12,9 @@ flwr 1.41 facts this module is built on (read from its source, ``flwr/superlink`
   ``flwr supernode register``; a SuperNode proves its key with
   ``--auth-supernode-private-key`` (requires TLS on both sides).
 - ``flower-supernode`` pulls messages over HTTPS (``--superlink``, ``--root-certificates``)
-  and starts ``flower-superexec``, which starts one ``flwr-clientapp`` process per message.
+  and starts ``flower-superexec``, which starts one ``flwr-clientapp`` process per message
+  (``fedsynth node join`` uses ``--isolation process`` and runs its own executor instead,
+  ``fedsynth.deploy.warm_executor``, which forks those processes with libraries loaded).
   The node's own Runtime API listens on 127.0.0.1 (``--port``, default 9094; one per node
   on a machine). All three executables are looked up on ``PATH``.
 - ``flwr run <app> <connection>`` reads the connection ``[superlink.<connection>]``
@@ -189,9 +191,11 @@ def supernode_command(
     private_key: Path | None = None,
     runtime_port: int = SUPERNODE_RUNTIME_PORT,
     max_wait_s: float | None = None,
+    warm: bool = False,
 ) -> list[str]:
     """``flower-supernode`` dialling ``superlink`` (host:port) over TLS verified against
-    ``root_certificates`` (``None``: ``--insecure``), authenticated by ``private_key``."""
+    ``root_certificates`` (``None``: ``--insecure``), authenticated by ``private_key``.
+    ``warm``: ``--isolation process``, for :func:`warm_executor_command` beside it."""
     cmd = [
         flower_executable("flower-supernode"),
         "--superlink",
@@ -211,7 +215,24 @@ def supernode_command(
         cmd += ["--auth-supernode-private-key", str(private_key)]
     if max_wait_s is not None:
         cmd += ["--max-wait-time", f"{max_wait_s:g}"]
+    if warm:
+        cmd += ["--isolation", "process"]
     return cmd
+
+
+def warm_executor_command(runtime_port: int, supernode_pid: int) -> list[str]:
+    """The node's executor (``fedsynth.deploy.warm_executor``) for a SuperNode started with
+    ``--isolation process`` on ``runtime_port``; it exits when ``supernode_pid`` does."""
+    return [
+        sys.executable,
+        "-m",
+        "fedsynth.deploy",  # a package __main__: fork-server children do not re-import it
+        "node-executor",
+        "--runtime-api-address",
+        f"127.0.0.1:{runtime_port}",
+        "--parent-pid",
+        str(supernode_pid),
+    ]
 
 
 # ------------------------------------------------------------------------------ flwr run

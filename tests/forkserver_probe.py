@@ -1,0 +1,10 @@
+"""Run inside a fork-server child by tests/test_warm_executor.py; imports nothing of fedsynth."""
+
+import json
+import sys
+
+
+def report(path: str) -> None:
+    roots = sorted({name.split(".")[0] for name in sys.modules})
+    with open(path, "w") as handle:
+        json.dump(roots, handle)
