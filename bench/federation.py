@@ -9,10 +9,11 @@ to bench/results/federation.jsonl and the table in docs/benchmarks.md:
 - ``scale``: 100 virtual nodes completing one SecAgg+ round;
 - ``quality``: the bank federation (3 non-IID nodes, the spec's full training) against the
   same model trained centrally on the pooled rows, both at the spec's epsilon, scored on
-  the same 20% holdout, for each of several training seeds and their mean.
+  the same 20% holdout, for each of several training seeds and their mean; and the same
+  federation with plain FedAvg (``federation.server_learning_rate = 1``) as the baseline.
 
     python bench/federation.py --quick     # rounds only, 3 nodes (a few minutes)
-    python bench/federation.py --quality-only   # federated vs central, 3 seeds (~10 min)
+    python bench/federation.py --quality-only   # federated vs central, 3 seeds (~15 min)
     python bench/federation.py             # everything (about half an hour on 2 cores)
 """
 
@@ -115,36 +116,52 @@ def bench_scale(train_raw, work: Path, n: int) -> dict[str, Any]:
     return row
 
 
+FEDERATED = "federated-3-non-iid"
+FEDAVG = "federated-3-non-iid-plain-fedavg"
+
+
+def spec_with(directory: Path, *, seed: int, server_learning_rate: float | None = None) -> Path:
+    """The bank spec with another training seed (and server step, if given)."""
+    raw = tomllib.loads(BANK.read_text())
+    raw["training"]["seed"] = seed
+    name = f"bank-seed{seed}"
+    if server_learning_rate is not None:
+        raw["federation"]["server_learning_rate"] = server_learning_rate
+        name += f"-slr{server_learning_rate:g}"
+    path = directory / f"{name}.toml"
+    path.write_text(tomli_w.dumps(raw))
+    return path
+
+
 def bench_quality(train_raw, holdout_raw, work: Path, seeds: list[int]) -> list[dict[str, Any]]:
     """Central and federated bank models for each training seed (the seed draws the initial
     weights, batches and noise); quality moves by a few hundredths between seeds, so one
     pair of runs cannot show a 0.02 gap."""
     rows = []
     for seed in seeds:
-        raw = tomllib.loads(BANK.read_text())
-        raw["training"]["seed"] = seed
-        spec_path = work / f"bank-seed{seed}.toml"
-        spec_path.write_text(tomli_w.dumps(raw))
+        spec_path = spec_with(work, seed=seed)
         spec = load_spec(spec_path)
         train_rows = validate_table(train_raw, spec.schema)
         holdout = validate_table(holdout_raw, spec.schema)
         started = time.perf_counter()
         central = train(train_rows, spec)
-        central_s = time.perf_counter() - started
-        case = work / f"quality-{seed}"
-        nodes = nodes_for(train_raw, 3, case / "nodes")
-        started = time.perf_counter()
-        outcome = simulate(spec_path, nodes, 3, case)
-        federated_s = time.perf_counter() - started
-        assert outcome.model_id is not None
-        registry = ModelRegistry(
-            case / "registry", KeyStore(case / "keys"), Database(database_url(case))
-        )
-        federated = registry.load(outcome.model_id)
-        for name, model, seconds in (
-            ("central", central, central_s),
-            ("federated-3-non-iid", federated, federated_s),
+        models = [("central", central, time.perf_counter() - started)]
+        # The spec's server step ("auto") and plain FedAvg (factor 1), same nodes and seed.
+        for name, path in (
+            (FEDERATED, spec_path),
+            (FEDAVG, spec_with(work, seed=seed, server_learning_rate=1.0)),
         ):
+            case = work / f"quality-{seed}-{name}"
+            nodes = nodes_for(train_raw, 3, case / "nodes")
+            started = time.perf_counter()
+            outcome = simulate(path, nodes, 3, case)
+            seconds = time.perf_counter() - started
+            assert outcome.model_id is not None
+            registry = ModelRegistry(
+                case / "registry", KeyStore(case / "keys"), Database(database_url(case))
+            )
+            models.append((name, registry.load(outcome.model_id), seconds))
+        for name, model, seconds in models:
             scores = quality.evaluate(
                 train_rows, holdout, model.sample(len(train_rows), seed=0), spec.schema
             )
@@ -162,7 +179,7 @@ def bench_quality(train_raw, holdout_raw, work: Path, seeds: list[int]) -> list[
             }
             print(json.dumps(row), flush=True)
             rows.append(row)
-    for name in ("central", "federated-3-non-iid"):
+    for name in ("central", FEDERATED, FEDAVG):
         mine = [r for r in rows if r["bench"] == "quality" and r["setting"] == name]
         summary = {
             "bench": "quality-mean",
