@@ -67,7 +67,7 @@ def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float) -
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"the SuperLink exited with {process.returncode}")
+            raise RuntimeError(f"{process.args[:4]} exited with {process.returncode}")
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return
@@ -229,11 +229,16 @@ def deploy_and_run(root: Path, *, warm: bool = True) -> dict:
         )
         for key in keys[:NODES]:
             flwr(["supernode", "register", str(key.public_key), CONNECTION], cli_env)
+        runtime_ports = [free_port() for _ in nodes]
         for i, node in enumerate(nodes):
             env = flower_environment(root / f"flwr-node-{i}", base)
             processes.append(
-                node_join(node, keys[i].private_key, port, certs.ca_cert, free_port(), env, warm)
+                node_join(
+                    node, keys[i].private_key, port, certs.ca_cert, runtime_ports[i], env, warm
+                )
             )
+        wait_for_port(runtime_ports[0], processes[-len(nodes)], timeout=120)
+        stranger = unauthenticated_task_request(runtime_ports[0])
         refused = node_join(
             intruder,
             keys[NODES].private_key,
@@ -281,6 +286,7 @@ def deploy_and_run(root: Path, *, warm: bool = True) -> dict:
             "refused_log": (intruder / "supernode.log").read_text(errors="replace"),
             "superlink_log": (root / "superlink" / "superlink.log").read_text(errors="replace"),
             "listed_nodes": json.loads(listed[listed.index("{") :])["nodes"],
+            "stranger_asking_for_a_task": stranger,
             "timings": timings,
         }
     finally:
@@ -288,6 +294,25 @@ def deploy_and_run(root: Path, *, warm: bool = True) -> dict:
     # Stopped before the tests run: the simulation below gets the CPU to itself.
     result["left_running"] = _running(marked_pids(marker))
     return result
+
+
+def unauthenticated_task_request(runtime_port: int) -> int:
+    """Another local process asks a node's Runtime API for a task, as an executor would
+    but without the node's SuperExec secret; returns the HTTP status (200: handed out)."""
+    import httpx
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest
+    from flwr.supercore.runtime import RuntimeHttpClient
+
+    client = RuntimeHttpClient.from_server_address(
+        f"127.0.0.1:{runtime_port}", insecure=True, root_certificates=None, interceptors=[]
+    )
+    try:
+        client.AcquireTask(AcquireTaskRequest(supported_task_types=["flwr-clientapp"]))
+    except httpx.HTTPStatusError as exc:
+        return exc.response.status_code
+    finally:
+        client.close()
+    return 200
 
 
 def wait_for_run(home: Path, flower_run: str, env: dict[str, str]) -> str:
@@ -353,9 +378,11 @@ def test_the_run_completes_over_tls_and_registers_a_verified_model(deployment):
 
 
 def test_the_nodes_forked_their_client_apps_from_the_warm_server(deployment):
+    # Only the node's own executor, which holds its secret, is handed tasks.
+    assert deployment["stranger_asking_for_a_task"] == 401
     for node in deployment["nodes"]:
         log = (node / "supernode.log").read_text(errors="replace")
-        assert "--isolation process" in log
+        assert "--isolation process --superexec-auth-secret-file" in log
         # Budget query, three SecAgg+ stages with the training, evaluation: six tasks.
         assert log.count("ClientApp forked from the warm server") >= 5, log[-3000:]
 

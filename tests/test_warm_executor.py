@@ -4,6 +4,7 @@ fedsynth (whose code must come from the FAB, as with ``flwr-clientapp``)."""
 from __future__ import annotations
 
 import json
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -44,14 +45,35 @@ def test_fork_server_children_have_the_preload_and_not_fedsynth(tmp_path: Path):
     assert "fedsynth" not in roots and "torch" not in roots
 
 
-def test_node_join_runs_the_supernode_with_process_isolation_and_the_executor_beside_it():
+def test_node_join_runs_the_supernode_with_process_isolation_and_the_executor_beside_it(
+    tmp_path: Path,
+):
+    secret = launch.write_executor_secret(tmp_path / "node" / "superexec.secret")
     cmd = launch.supernode_command(
-        "link:9092", {"institution": "a"}, root_certificates=None, warm=True
+        "link:9092", {"institution": "a"}, root_certificates=None, executor_secret=secret
     )
-    assert cmd[-2:] == ["--isolation", "process"]
+    assert cmd[-4:] == ["--isolation", "process", "--superexec-auth-secret-file", str(secret)]
     assert "--isolation" not in launch.supernode_command(
         "link:9092", {"institution": "a"}, root_certificates=None
     )
-    executor = launch.warm_executor_command(9101, 4242)
+    executor = launch.warm_executor_command(9101, 4242, secret)
     assert executor[1:4] == ["-m", "fedsynth.deploy", "node-executor"]
-    assert executor[-4:] == ["--runtime-api-address", "127.0.0.1:9101", "--parent-pid", "4242"]
+    assert executor[4:] == [
+        "--runtime-api-address",
+        "127.0.0.1:9101",
+        "--parent-pid",
+        "4242",
+        "--secret-file",
+        str(secret),
+    ]
+
+
+def test_the_executor_secret_is_random_private_and_renewed(tmp_path: Path):
+    path = tmp_path / "superexec.secret"
+    path.write_bytes(b"old")
+    path.chmod(0o644)
+    launch.write_executor_secret(path)
+    first = path.read_bytes()
+    assert len(first) == 32 and first != b"old"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert launch.write_executor_secret(path).read_bytes() != first

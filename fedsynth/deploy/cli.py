@@ -34,6 +34,8 @@ deploy_app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console(stderr=True)
+#: Beside the node's ledger: the secret its SuperNode and warm executor share.
+EXECUTOR_SECRET = "superexec.secret"
 
 
 def _fail(message: str) -> typer.Exit:
@@ -239,6 +241,7 @@ def node_join(
     if spec is not None:
         _check_table(data, spec)
     ledger.parent.mkdir(parents=True, exist_ok=True)
+    secret = launch.write_executor_secret(ledger.parent / EXECUTOR_SECRET) if warm else None
     try:
         cmd = launch.supernode_command(
             superlink,
@@ -246,14 +249,14 @@ def node_join(
             root_certificates=None if insecure else root_cert,
             private_key=key,
             runtime_port=runtime_port,
-            warm=warm,
+            executor_secret=secret,
         )
     except ValueError as exc:
         raise _fail(str(exc)) from None
     env = launch.flower_environment(task_poll_s=launch.NODE_TASK_POLL_S)
-    if warm:
+    if secret is not None:
         # execve keeps this pid, so the executor follows the SuperNode it becomes.
-        executor = launch.warm_executor_command(runtime_port, os.getpid())
+        executor = launch.warm_executor_command(runtime_port, os.getpid(), secret)
         subprocess.Popen(executor, env=env)  # noqa: S603 - our own interpreter and module
     _exec(cmd, env)
 
@@ -262,11 +265,12 @@ def node_join(
 def node_executor(
     runtime_api_address: Annotated[str, typer.Option(help="The SuperNode's Runtime API")],
     parent_pid: Annotated[int, typer.Option(help="Exit when this process (the SuperNode) does")],
+    secret_file: Annotated[Path, typer.Option(help="The SuperNode's SuperExec secret")],
 ) -> None:
     """Run by ``node-join --warm``: Flower's SuperExec with a fork-server executor."""
     from fedsynth.deploy import warm_executor
 
-    warm_executor.run(runtime_api_address, parent_pid)
+    warm_executor.run(runtime_api_address, parent_pid, secret_file)
 
 
 def _check_table(data: Path, spec: Path) -> None:

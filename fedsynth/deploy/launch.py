@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import os
+import secrets
 import subprocess
 import sys
 import tomllib
@@ -191,11 +192,12 @@ def supernode_command(
     private_key: Path | None = None,
     runtime_port: int = SUPERNODE_RUNTIME_PORT,
     max_wait_s: float | None = None,
-    warm: bool = False,
+    executor_secret: Path | None = None,
 ) -> list[str]:
     """``flower-supernode`` dialling ``superlink`` (host:port) over TLS verified against
     ``root_certificates`` (``None``: ``--insecure``), authenticated by ``private_key``.
-    ``warm``: ``--isolation process``, for :func:`warm_executor_command` beside it."""
+    ``executor_secret``: ``--isolation process`` for :func:`warm_executor_command` beside
+    it, which must prove this secret to take a task from the node's Runtime API."""
     cmd = [
         flower_executable("flower-supernode"),
         "--superlink",
@@ -215,12 +217,27 @@ def supernode_command(
         cmd += ["--auth-supernode-private-key", str(private_key)]
     if max_wait_s is not None:
         cmd += ["--max-wait-time", f"{max_wait_s:g}"]
-    if warm:
-        cmd += ["--isolation", "process"]
+    if executor_secret is not None:
+        cmd += ["--isolation", "process", "--superexec-auth-secret-file", str(executor_secret)]
     return cmd
 
 
-def warm_executor_command(runtime_port: int, supernode_pid: int) -> list[str]:
+def write_executor_secret(path: Path) -> Path:
+    """A fresh random secret, readable by this user only, shared by the SuperNode and its
+    executor: with it (Flower's SuperExec authentication, experimental in flwr 1.41) no
+    other local process can take the node's tasks from its Runtime API. Flower's own
+    subprocess isolation cannot use it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # an older file may have had wider permissions
+        os.write(fd, secrets.token_bytes(32))
+    finally:
+        os.close(fd)
+    return path
+
+
+def warm_executor_command(runtime_port: int, supernode_pid: int, secret: Path) -> list[str]:
     """The node's executor (``fedsynth.deploy.warm_executor``) for a SuperNode started with
     ``--isolation process`` on ``runtime_port``; it exits when ``supernode_pid`` does."""
     return [
@@ -232,6 +249,8 @@ def warm_executor_command(runtime_port: int, supernode_pid: int) -> list[str]:
         f"127.0.0.1:{runtime_port}",
         "--parent-pid",
         str(supernode_pid),
+        "--secret-file",
+        str(secret),
     ]
 
 

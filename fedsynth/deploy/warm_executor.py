@@ -11,8 +11,10 @@ imported those libraries once (:data:`PRELOAD`). The child then runs Flower's ow
 What stays as Flower does it: the app's code still comes from the FAB the SuperLink sent
 (nothing of fedsynth is preloaded, so ``load_app`` imports the FAB's copy), each task is
 its own process with its own token, and it ends when the task does. Other task types go to
-Flower's subprocess executor. ``fedsynth node join`` starts this executor beside
-``flower-supernode --isolation process``; see docs/deployment.md ("Round time").
+Flower's subprocess executor. Unlike Flower's default isolation, the node's Runtime API then
+hands tasks only to an executor that proves the secret ``node join`` wrote for it.
+``fedsynth node join`` starts this executor beside ``flower-supernode --isolation
+process``; see docs/deployment.md ("Round time").
 
 Hand-written because flwr 1.41 has no warm executor for ClientApps; it implements Flower's
 ``Executor`` protocol (``flwr.supercore.superexec.executor.types``) and nothing more.
@@ -27,6 +29,7 @@ import time
 from logging import INFO
 from multiprocessing.context import ForkServerContext
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 
 from flwr.supercore import log
 from flwr.supercore.constant import TaskType
@@ -140,9 +143,18 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def run(runtime_api_address: str, parent_pid: int | None, timeout_s: float = 300.0) -> None:
-    """Flower's SuperExec loop (``run_superexec``) with :class:`ForkServerExecutor`."""
+def run(
+    runtime_api_address: str,
+    parent_pid: int | None,
+    secret_file: Path | None,
+    timeout_s: float = 300.0,
+) -> None:
+    """Flower's SuperExec loop (``run_superexec``) with :class:`ForkServerExecutor`,
+    proving ``secret_file``'s secret to the SuperNode (Flower's SuperExec authentication)."""
+    from flwr.supercore.auth.superexec_secret import load_superexec_auth_secret
     from flwr.supercore.superexec import run_superexec as superexec
+
+    secret = load_superexec_auth_secret(str(secret_file) if secret_file else None)
 
     executor = ForkServerExecutor()
     executor.warm_up()
@@ -152,5 +164,6 @@ def run(runtime_api_address: str, parent_pid: int | None, timeout_s: float = 300
     superexec.run_superexec(
         runtime_api_address=runtime_api_address,
         insecure=True,  # the Runtime API is the SuperNode's loopback socket, as Flower's default
+        superexec_auth_secret=secret,
         parent_pid=parent_pid,
     )
