@@ -1,14 +1,16 @@
-"""Deployment-engine round time on loopback: the nodes' warm executor against Flower's own.
+"""Deployment-engine round time on loopback: Flower as shipped, then fedsynth's node changes.
 
 Each run is the deployment test's setup (``tests/test_deployment.py``): a SuperLink with TLS
 and node authentication, three SuperNodes started by ``fedsynth node join``, one
 ``flwr run`` of the bank federation (one round, 8 DP-SGD steps per node), all on this
-machine. ``--no-warm`` nodes use Flower's executor (a fresh ``flwr-clientapp`` process per
-message); ``--warm`` nodes fork each ClientApp from a server that loaded torch and Opacus
-once (``fedsynth.deploy.warm_executor``). The two alternate, so drift of the machine's speed
-falls on both. One JSON line per run, to bench/results/deployment.jsonl.
+machine. ``--no-warm --poll-s 0`` nodes are Flower as shipped (a fresh ``flwr-clientapp``
+process per message, a fixed 3 s poll); ``--warm`` nodes fork each ClientApp from a server
+that loaded torch and Opacus once (``fedsynth.deploy.warm_executor``); node join's default
+adds prompt polling while a run is active (``fedsynth.deploy.prompt_supernode``). The
+setups alternate, so drift of the machine's speed falls on all. One JSON line per run, to
+bench/results/deployment.jsonl.
 
-    python bench/deployment.py             # 2 pairs, about 10 minutes on 2 cores
+    python bench/deployment.py             # 2 rounds of the 3 setups, about 12 minutes
     python bench/deployment.py --pairs 1
 """
 
@@ -29,6 +31,12 @@ sys.path.insert(0, str(REPO))  # the deployment helpers live with the test that 
 from tests.test_deployment import ROUNDS, STEPS, deploy_and_run  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "deployment.jsonl"
+#: (name, node-join --warm, --poll-s): Flower as shipped, then each change added.
+SETUPS = (
+    ("flower as shipped", False, 0.0),
+    ("warm executor", True, 0.0),
+    ("warm executor + prompt poll", True, None),  # node join's defaults
+)
 
 
 def main() -> None:
@@ -37,14 +45,14 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     for pair in range(args.pairs):
-        for warm in (False, True):
+        for name, warm, poll_s in SETUPS:
             with tempfile.TemporaryDirectory(prefix="fedsynth-deploy-bench-") as tmp:
                 load_before = os.getloadavg()[0]
                 started = time.perf_counter()
-                result = deploy_and_run(Path(tmp), warm=warm)
+                result = deploy_and_run(Path(tmp), warm=warm, poll_s=poll_s)
                 row = {
                     "pair": pair,
-                    "executor": "warm fork server" if warm else "flower subprocess",
+                    "setup": name,
                     "status": result["flower_status"],
                     "rounds": ROUNDS,
                     "steps": STEPS,
@@ -55,10 +63,10 @@ def main() -> None:
                 }
             print(json.dumps(row), flush=True)
             rows.append(row)
-    for executor in ("flower subprocess", "warm fork server"):
-        rounds = [r["round_1_s"] for r in rows if r["executor"] == executor and "round_1_s" in r]
+    for name, _, _ in SETUPS:
+        rounds = [r["round_1_s"] for r in rows if r["setup"] == name and "round_1_s" in r]
         if rounds:
-            summary = {"executor": executor, "round_1_s_median": statistics.median(rounds)}
+            summary = {"setup": name, "round_1_s_median": statistics.median(rounds)}
             print(json.dumps(summary), flush=True)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text("".join(json.dumps(r) + "\n" for r in rows))

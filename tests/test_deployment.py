@@ -149,6 +149,7 @@ def node_join(
     runtime_port: int,
     env: dict[str, str],
     warm: bool = True,
+    poll_s: float | None = None,
 ) -> subprocess.Popen[bytes]:
     """``python -m fedsynth.deploy node-join`` for a folder written by ``write_nodes``."""
     import tomllib
@@ -181,6 +182,7 @@ def node_join(
                 "--runtime-port",
                 str(runtime_port),
                 "--warm" if warm else "--no-warm",
+                *(["--poll-s", f"{poll_s:g}"] if poll_s is not None else []),
             ],
             env=env,
             cwd=node,
@@ -197,10 +199,11 @@ def deployment(tmp_path_factory):
     yield deploy_and_run(tmp_path_factory.mktemp("deployment"))
 
 
-def deploy_and_run(root: Path, *, warm: bool = True) -> dict:
+def deploy_and_run(root: Path, *, warm: bool = True, poll_s: float | None = None) -> dict:
     """Certificates, SuperLink, three nodes and an intruder, one ``flwr run``; every
     process stopped before returning what the tests (and bench/deployment.py) read.
-    ``warm``: the nodes' fork-server executor (``node-join --warm``), else Flower's."""
+    ``warm``: the nodes' fork-server executor (``node-join --warm``), else Flower's;
+    ``poll_s``: ``node-join --poll-s`` (None: its default)."""
     marker = f"{MARKER}={uuid.uuid4().hex}"
     base = {**os.environ, marker.split("=")[0]: marker.split("=")[1]}
     certs = create_server_certificates(root / "certs")
@@ -234,7 +237,14 @@ def deploy_and_run(root: Path, *, warm: bool = True) -> dict:
             env = flower_environment(root / f"flwr-node-{i}", base)
             processes.append(
                 node_join(
-                    node, keys[i].private_key, port, certs.ca_cert, runtime_ports[i], env, warm
+                    node,
+                    keys[i].private_key,
+                    port,
+                    certs.ca_cert,
+                    runtime_ports[i],
+                    env,
+                    warm,
+                    poll_s,
                 )
             )
         wait_for_port(runtime_ports[0], processes[-len(nodes)], timeout=120)
@@ -383,6 +393,7 @@ def test_the_nodes_forked_their_client_apps_from_the_warm_server(deployment):
     for node in deployment["nodes"]:
         log = (node / "supernode.log").read_text(errors="replace")
         assert "--isolation process --superexec-auth-secret-file" in log
+        assert "fedsynth: polling every 0.5 s" in log  # prompt polling took in this flwr
         # Budget query, three SecAgg+ stages with the training, evaluation: six tasks.
         assert log.count("ClientApp forked from the warm server") >= 5, log[-3000:]
 

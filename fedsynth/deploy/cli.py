@@ -202,6 +202,16 @@ def node_join(
             "(--no-warm: Flower's fresh process per message)"
         ),
     ] = True,
+    poll_s: Annotated[
+        float,
+        typer.Option(
+            "--poll-s",
+            help="While a run is active, ask for the next message every this many seconds "
+            "(0: Flower's fixed 3 s)",
+            min=0.0,
+            max=3.0,
+        ),
+    ] = launch.NODE_POLL_S,
 ) -> None:
     """Check this node's inputs, then become ``flower-supernode`` connected to the
     SuperLink over TLS. The table never leaves this machine."""
@@ -250,6 +260,7 @@ def node_join(
             private_key=key,
             runtime_port=runtime_port,
             executor_secret=secret,
+            poll_s=poll_s or None,
         )
     except ValueError as exc:
         raise _fail(str(exc)) from None

@@ -53,6 +53,11 @@ FLOWER_CONFIG_FILE = "config.toml"
 #: per message (six per round); an idle node (SuperNode and executor) then costs 3.3 % of
 #: a core instead of 0.8 % (measured over 30 s; 6.5 % at 0.1 s).
 NODE_TASK_POLL_S = 0.2
+#: While a run is active, a SuperNode asks the SuperLink for its next message every this
+#: many seconds instead of Flower's fixed 3 (``fedsynth.deploy.prompt_supernode``): each of
+#: a round's six exchanges then waits at most this long; the SuperLink serves two requests
+#: a second per node during a run, and Flower's one per 3 s when idle.
+NODE_POLL_S = 0.5
 TASK_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
 
 
@@ -193,13 +198,21 @@ def supernode_command(
     runtime_port: int = SUPERNODE_RUNTIME_PORT,
     max_wait_s: float | None = None,
     executor_secret: Path | None = None,
+    poll_s: float | None = None,
 ) -> list[str]:
     """``flower-supernode`` dialling ``superlink`` (host:port) over TLS verified against
     ``root_certificates`` (``None``: ``--insecure``), authenticated by ``private_key``.
     ``executor_secret``: ``--isolation process`` for :func:`warm_executor_command` beside
-    it, which must prove this secret to take a task from the node's Runtime API."""
+    it, which must prove this secret to take a task from the node's Runtime API.
+    ``poll_s``: run it through ``fedsynth.deploy.prompt_supernode``, which asks for the
+    next message every ``poll_s`` while a run is active instead of Flower's fixed 3 s."""
+    start = (
+        [sys.executable, "-m", "fedsynth.deploy.prompt_supernode", "--poll-s", f"{poll_s:g}"]
+        if poll_s
+        else [flower_executable("flower-supernode")]
+    )
     cmd = [
-        flower_executable("flower-supernode"),
+        *start,
         "--superlink",
         superlink,
         "--node-config",

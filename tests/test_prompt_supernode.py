@@ -1,0 +1,58 @@
+"""The SuperNode's prompt polling: Flower's fixed 3 s idle sleep is cut only while busy."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedsynth.deploy import launch
+from fedsynth.deploy.prompt_supernode import BUSY_WINDOW_S, PromptPoll, install
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.slept: list[float] = []
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+def test_the_idle_sleep_is_short_only_within_the_busy_window():
+    clock = Clock()
+    poll = PromptPoll(0.5, clock=lambda: clock.now, sleep=clock.sleep)
+    poll.sleep(3)  # no message yet: Flower's 3 s
+    poll.received()
+    poll.sleep(3)
+    poll.sleep(0.5)  # other sleeps (waiting for a reply) are left alone
+    clock.now += BUSY_WINDOW_S
+    poll.sleep(3)  # idle again
+    assert clock.slept == [3, 0.5, 0.5, 3]
+    assert poll.monotonic is not None  # everything else is the real time module
+
+
+@pytest.mark.parametrize("poll_s", [0.0, 0.01, 5.0])
+def test_a_poll_interval_out_of_range_is_refused(poll_s):
+    with pytest.raises(ValueError, match="poll_s must be between"):
+        PromptPoll(poll_s)
+
+
+def test_install_patches_this_flwr_supernode_loop_and_notes_messages(monkeypatch):
+    from flwr.supernode import start_client_internal as loop
+
+    monkeypatch.setattr(loop, "time", loop.time)  # restored after the test
+    monkeypatch.setattr(loop, "_pull_and_store_message", lambda *a, **k: 7)
+    poll = install(0.25)
+    assert poll is not None and loop.time is poll
+    assert loop._pull_and_store_message() == 7
+    assert poll.last_message > float("-inf")
+
+
+def test_node_join_starts_the_supernode_through_the_prompt_poll():
+    cmd = launch.supernode_command(
+        "link:9092", {"institution": "a"}, root_certificates=None, poll_s=0.5
+    )
+    assert cmd[1:5] == ["-m", "fedsynth.deploy.prompt_supernode", "--poll-s", "0.5"]
+    assert cmd[5] == "--superlink"
+    stock = launch.supernode_command("link:9092", {"institution": "a"}, root_certificates=None)
+    assert stock[0].endswith("flower-supernode")
