@@ -178,6 +178,18 @@ def test_node_join_refuses_bad_inputs_before_starting_anything(tmp_path):
             str(ca),
             "--insecure",
         ],
+        "--poll-s must be 0": [
+            "--data",
+            str(data),
+            "--cap",
+            "1",
+            "--institution",
+            "a",
+            "--root-cert",
+            str(ca),
+            "--poll-s",
+            "0.01",
+        ],
     }
     for message, args in cases.items():
         result = runner.invoke(deploy_app, [*base, *args])

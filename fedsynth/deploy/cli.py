@@ -27,6 +27,7 @@ from fedsynth.deploy.certificates import (
     create_node_key,
     create_server_certificates,
 )
+from fedsynth.deploy.prompt_supernode import MIN_POLL_S
 
 deploy_app = typer.Typer(
     help="Deployment on Flower's engine: certificates, SuperLink, SuperNodes.",
@@ -234,6 +235,8 @@ def node_join(
         raise _fail(f"--root-cert {root_cert}: no such file")
     if key is not None and not key.is_file():
         raise _fail(f"--key {key}: no such file")
+    if 0 < poll_s < MIN_POLL_S:
+        raise _fail(f"--poll-s must be 0 (Flower's fixed 3 s) or at least {MIN_POLL_S:g} s")
     if not data.is_file():
         raise _fail(f"--data {data}: no such file")
     ledger = ledger.expanduser().resolve()

@@ -32,6 +32,8 @@ from typing import Any
 BUSY_WINDOW_S = 60.0
 #: The fixed idle sleep of flwr 1.41's SuperNode loop, the only one replaced.
 FLOWER_IDLE_SLEEP_S = 3
+#: Shortest poll interval accepted: below it the SuperLink gets flooded for little gain.
+MIN_POLL_S = 0.05
 
 
 class PromptPoll:
@@ -44,8 +46,8 @@ class PromptPoll:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        if not 0.05 <= poll_s <= FLOWER_IDLE_SLEEP_S:
-            raise ValueError(f"poll_s must be between 0.05 and {FLOWER_IDLE_SLEEP_S} s")
+        if not MIN_POLL_S <= poll_s <= FLOWER_IDLE_SLEEP_S:
+            raise ValueError(f"poll_s must be between {MIN_POLL_S} and {FLOWER_IDLE_SLEEP_S} s")
         self.poll_s = poll_s
         self.busy_window_s = busy_window_s
         self._clock = clock
