@@ -6,5 +6,7 @@ import sys
 
 def report(path: str) -> None:
     roots = sorted({name.split(".")[0] for name in sys.modules})
+    flower = sys.modules.get("flwr.supercore.inflatable.inflatable_utils")
+    prompt = bool(getattr(getattr(flower, "pull_objects", None), "fedsynth_prompt", False))
     with open(path, "w") as handle:
-        json.dump(roots, handle)
+        json.dump({"roots": roots, "prompt_pulls": prompt}, handle)

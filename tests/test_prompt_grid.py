@@ -69,3 +69,14 @@ def test_passes_other_calls_through_and_refuses_a_bad_interval():
     assert list(PromptGrid(ScriptedGrid([])).get_node_ids()) == [1, 2, 3]
     with pytest.raises(ValueError, match="interval must be > 0"):
         PromptGrid(ScriptedGrid([]), interval=0)
+
+
+def test_prompt_replies_makes_the_serverapps_reply_pulls_retry_promptly(monkeypatch):
+    from flwr.superlink.grid import http_grid
+
+    from fedsynth.server.prompt_grid import prompt_replies
+
+    monkeypatch.setattr(http_grid, "pull_objects", http_grid.pull_objects)  # restored after
+    assert not getattr(http_grid.pull_objects, "fedsynth_prompt", False)
+    assert prompt_replies()
+    assert http_grid.pull_objects.fedsynth_prompt

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fedsynth.deploy import launch
+from fedsynth.deploy import launch, prompt_pulls
 from fedsynth.deploy.prompt_supernode import BUSY_WINDOW_S, PromptPoll, install
 
 
@@ -24,10 +24,12 @@ def test_the_idle_sleep_is_short_only_within_the_busy_window():
     poll.sleep(3)  # no message yet: Flower's 3 s
     poll.received()
     poll.sleep(3)
-    poll.sleep(0.5)  # other sleeps (waiting for a reply) are left alone
+    poll.sleep(0.5)  # the local wait for the ClientApp's reply, while busy
+    poll.sleep(1)  # any other sleep is left alone
     clock.now += BUSY_WINDOW_S
     poll.sleep(3)  # idle again
-    assert clock.slept == [3, 0.5, 0.5, 3]
+    poll.sleep(0.5)
+    assert clock.slept == [3, 0.5, 0.05, 1, 3, 0.5]
     assert poll.monotonic is not None  # everything else is the real time module
 
 
@@ -38,12 +40,16 @@ def test_a_poll_interval_out_of_range_is_refused(poll_s):
 
 
 def test_install_patches_this_flwr_supernode_loop_and_notes_messages(monkeypatch):
+    from flwr.supercore.inflatable import inflatable_utils
     from flwr.supernode import start_client_internal as loop
 
     monkeypatch.setattr(loop, "time", loop.time)  # restored after the test
+    monkeypatch.setattr(loop, "pull_objects", loop.pull_objects)
+    monkeypatch.setattr(inflatable_utils, "pull_objects", inflatable_utils.pull_objects)
     monkeypatch.setattr(loop, "_pull_and_store_message", lambda *a, **k: 7)
     poll = install(0.25)
     assert poll is not None and loop.time is poll
+    assert loop.pull_objects.fedsynth_prompt and inflatable_utils.pull_objects.fedsynth_prompt
     assert loop._pull_and_store_message() == 7
     assert poll.last_message > float("-inf")
 
@@ -56,3 +62,31 @@ def test_node_join_starts_the_supernode_through_the_prompt_poll():
     assert cmd[5] == "--superlink"
     stock = launch.supernode_command("link:9092", {"institution": "a"}, root_certificates=None)
     assert stock[0].endswith("flower-supernode")
+
+
+def test_prompt_pulls_retry_first_after_50_ms_and_leave_the_rest_to_flower():
+    from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError
+    from flwr.supercore.inflatable.inflatable_utils import pull_objects as flower_pull
+
+    waits: list[float] = []
+    tries = {"a": 0}
+
+    def pull_object(object_id: str) -> bytes:
+        tries[object_id] += 1
+        if tries[object_id] < 4:  # not there for the first three asks
+            raise ObjectUnavailableError(object_id)
+        return b"content"
+
+    class Recorder:
+        """Flower's pull_objects, with its backoff waits recorded instead of slept."""
+
+        def __call__(self, *args, **kwargs):
+            waits.append(kwargs["initial_backoff"])
+            return flower_pull(*args, **kwargs)
+
+    pull = prompt_pulls.prompt(Recorder())
+    assert pull(["a"], pull_object) == {"a": b"content"}
+    assert waits == [prompt_pulls.INITIAL_BACKOFF_S] and tries["a"] == 4
+    assert pull(["a"], pull_object, initial_backoff=0.01) == {"a": b"content"}
+    assert waits[-1] == 0.01  # a shorter wait asked for is kept
+    assert prompt_pulls.prompt(pull) is pull  # wrapping twice changes nothing

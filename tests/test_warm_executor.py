@@ -9,13 +9,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from fedsynth.deploy import launch
+from fedsynth.deploy.warm_executor import PRELOAD
 
 PROBE = """
 import json, sys
 from fedsynth.deploy.warm_executor import ForkServerExecutor
 from tests.forkserver_probe import report
-executor = ForkServerExecutor(preload=("numpy", "tests.forkserver_probe"))
+executor = ForkServerExecutor(preload=sys.argv[2].split(","))
 process = executor._context.Process(target=report, args=(sys.argv[1],))
 process.start()
 process.join(60)
@@ -24,14 +27,18 @@ print(json.dumps({"exitcode": process.exitcode, "running": len(executor._running
 """
 
 
-def test_fork_server_children_have_the_preload_and_not_fedsynth(tmp_path: Path):
+@pytest.mark.parametrize("prompt", [False, True])
+def test_fork_server_children_have_the_preload_and_not_fedsynth(tmp_path: Path, prompt: bool):
     out = tmp_path / "modules.json"
     # A package __main__ (as node-join starts it), so children skip re-importing it.
     main = tmp_path / "probe" / "__main__.py"
     main.parent.mkdir()
     main.write_text(PROBE)
+    preload = ["numpy", "tests.forkserver_probe"]
+    if prompt:  # what the node's executor preloads besides the libraries (PRELOAD)
+        preload.insert(1, "fedsynth_fork_preload")
     done = subprocess.run(
-        [sys.executable, "-m", "probe", str(out)],
+        [sys.executable, "-m", "probe", str(out), ",".join(preload)],
         cwd=tmp_path,
         env={"PYTHONPATH": f"{tmp_path}:{Path(__file__).parents[1]}", "PATH": "/usr/bin"},
         capture_output=True,
@@ -40,9 +47,13 @@ def test_fork_server_children_have_the_preload_and_not_fedsynth(tmp_path: Path):
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.splitlines()[-1]) == {"exitcode": 0, "running": 0}
-    roots = json.loads(out.read_text())
+    child = json.loads(out.read_text())
+    roots = child["roots"]
     assert "numpy" in roots and "tests" in roots
     assert "fedsynth" not in roots and "torch" not in roots
+    # With the preload, Flower's object pulls retry promptly, still without fedsynth.
+    assert child["prompt_pulls"] is prompt
+    assert "fedsynth_fork_preload" in PRELOAD
 
 
 def test_node_join_runs_the_supernode_with_process_isolation_and_the_executor_beside_it(

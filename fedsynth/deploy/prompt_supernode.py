@@ -6,14 +6,19 @@ for the other nodes) and sleeps a fixed 3 s. Every message exchange of a round t
 costs at least 3 s, six exchanges a round here, whatever the ClientApp does: node replies
 come 3.5-3.7 s apart on loopback (docs/deployment.md, "Round time"). The interval is not a
 setting in 1.41, so this module is run instead of the ``flower-supernode`` script: it
-replaces that one sleep, and only while the node is busy. For :data:`BUSY_WINDOW_S` after
+replaces that sleep, and only while the node is busy. For :data:`BUSY_WINDOW_S` after
 the last message it received, the node asks again every ``poll_s`` (a command-line
 option); after that it is idle and falls back to Flower's 3 s, so an idle federation
 costs the SuperLink what it costs with stock Flower.
 
+While busy, the same loop's 0.5 s waits for the ClientApp's reply to appear in the node's
+own state (``_push_messages``) become 50 ms: a local check, not a request. And the node's
+object pulls retry after 50 ms instead of 1 s (``fedsynth.deploy.prompt_pulls``).
+
 What is patched, and why it is safe to patch: the module's ``time`` global (the loop's
-only use of it is ``time.sleep``; every other attribute is the real module's) and its
-``_pull_and_store_message`` (wrapped, unchanged, to note when a message arrived).
+only use of it is ``time.sleep``; every other attribute is the real module's), its
+``_pull_and_store_message`` (wrapped, unchanged, to note when a message arrived) and its
+``pull_objects`` (see ``prompt_pulls``).
 :func:`install` checks that the loop still reads as described before touching anything,
 and leaves Flower as it is otherwise.
 
@@ -28,12 +33,18 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from fedsynth.deploy import prompt_pulls
+
 #: Seconds after the last received message during which the node polls promptly.
 BUSY_WINDOW_S = 60.0
-#: The fixed idle sleep of flwr 1.41's SuperNode loop, the only one replaced.
+#: The fixed idle sleep of flwr 1.41's SuperNode loop.
 FLOWER_IDLE_SLEEP_S = 3
 #: Shortest poll interval accepted: below it the SuperLink gets flooded for little gain.
 MIN_POLL_S = 0.05
+#: flwr 1.41's wait, in the same loop, for the ClientApp's reply (and its objects) to
+#: appear in the node's own state; a local check, so while busy it runs at LOCAL_WAIT_S.
+FLOWER_LOCAL_WAIT_S = 0.5
+LOCAL_WAIT_S = 0.05
 
 
 class PromptPoll:
@@ -61,6 +72,8 @@ class PromptPoll:
         busy = self._clock() - self.last_message < self.busy_window_s
         if seconds == FLOWER_IDLE_SLEEP_S and busy:
             seconds = self.poll_s
+        elif seconds == FLOWER_LOCAL_WAIT_S and busy:
+            seconds = LOCAL_WAIT_S
         self._sleep(seconds)
 
     def __getattr__(self, name: str) -> Any:
@@ -73,8 +86,12 @@ def install(poll_s: float) -> PromptPoll | None:
     from flwr.supernode import start_client_internal as loop
 
     source = inspect.getsource(loop.start_client_internal)
-    if f"time.sleep({FLOWER_IDLE_SLEEP_S})" not in source or not hasattr(
-        loop, "_pull_and_store_message"
+    push_source = inspect.getsource(loop._push_messages)
+    if (
+        f"time.sleep({FLOWER_IDLE_SLEEP_S})" not in source
+        or f"time.sleep({FLOWER_LOCAL_WAIT_S})" not in push_source
+        or not hasattr(loop, "_pull_and_store_message")
+        or not prompt_pulls.install(loop)
     ):
         return None
     poll = PromptPoll(poll_s)

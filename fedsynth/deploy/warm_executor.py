@@ -8,6 +8,11 @@ ClientApp task by forking it from Python's ``multiprocessing`` fork server, a pr
 imported those libraries once (:data:`PRELOAD`). The child then runs Flower's own
 ``run_clientapp``, exactly what ``flwr-clientapp`` runs.
 
+One change rides along: the fork server preloads ``fedsynth_fork_preload``, which makes
+Flower's object pulls retry after 50 ms instead of 1 s (``fedsynth.deploy.prompt_pulls``),
+so a ClientApp that asks for the global model a moment before its SuperNode has it does
+not sleep 1 + 2 s.
+
 What stays as Flower does it: the app's code still comes from the FAB the SuperLink sent
 (nothing of fedsynth is preloaded, so ``load_app`` imports the FAB's copy), each task is
 its own process with its own token, and it ends when the task does. Other task types go to
@@ -52,7 +57,10 @@ PRELOAD = (
     "sqlalchemy",
     "flwr.clientapp",
     "flwr.supernode.runtime.run_clientapp",
+    "fedsynth_fork_preload",  # prompt object pulls; in FORKSERVER_PATH, outside the package
 )
+#: Put on the fork server's ``PYTHONPATH`` for ``fedsynth_fork_preload`` (see its docstring).
+FORKSERVER_PATH = Path(__file__).resolve().parent / "forkserver"
 
 
 class ForkServerExecutor(SubprocessExecutor):
@@ -62,6 +70,10 @@ class ForkServerExecutor(SubprocessExecutor):
         context = multiprocessing.get_context("forkserver")
         assert isinstance(context, ForkServerContext)
         context.set_forkserver_preload(list(preload))
+        # The fork server is a fresh interpreter started with this process's environment.
+        paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+        if str(FORKSERVER_PATH) not in paths:
+            os.environ["PYTHONPATH"] = os.pathsep.join([str(FORKSERVER_PATH), *filter(None, paths)])
         self._context = context
         self._running: list[BaseProcess] = []
 
