@@ -2,16 +2,18 @@
 
 Each run is the deployment test's setup (``tests/test_deployment.py``): a SuperLink with TLS
 and node authentication, three SuperNodes started by ``fedsynth node join``, one
-``flwr run`` of the bank federation (one round, 8 DP-SGD steps per node), all on this
-machine. ``--no-warm --poll-s 0`` nodes are Flower as shipped (a fresh ``flwr-clientapp``
+``flwr run`` of the bank federation (``--rounds`` rounds, default 2, of 8 DP-SGD steps per
+node; the last round also evaluates), all on this machine. Round 1 includes each node's
+one-off noise calibration and the idle nodes' first poll; round 2 is a round of a run
+under way. ``--no-warm --poll-s 0`` nodes are Flower as shipped (a fresh ``flwr-clientapp``
 process per message, a fixed 3 s poll); ``--warm`` nodes fork each ClientApp from a server
 that loaded torch and Opacus once (``fedsynth.deploy.warm_executor``); node join's default
 adds prompt polling while a run is active (``fedsynth.deploy.prompt_supernode``). The
 setups alternate, so drift of the machine's speed falls on all. One JSON line per run, to
 bench/results/deployment.jsonl.
 
-    python bench/deployment.py             # 2 rounds of the 3 setups, about 12 minutes
-    python bench/deployment.py --pairs 1
+    python bench/deployment.py             # the 3 setups twice, about 12 minutes
+    python bench/deployment.py --pairs 1 --rounds 1
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the deployment helpers live with the test that uses them
 
-from tests.test_deployment import ROUNDS, STEPS, deploy_and_run  # noqa: E402
+from tests.test_deployment import STEPS, deploy_and_run  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "deployment.jsonl"
 #: (name, node-join --warm, --poll-s): Flower as shipped, then each change added.
@@ -42,6 +44,7 @@ SETUPS = (
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--pairs", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     rows = []
     for pair in range(args.pairs):
@@ -49,13 +52,13 @@ def main() -> None:
             with tempfile.TemporaryDirectory(prefix="fedsynth-deploy-bench-") as tmp:
                 load_before = os.getloadavg()[0]
                 started = time.perf_counter()
-                result = deploy_and_run(Path(tmp), warm=warm, poll_s=poll_s)
+                result = deploy_and_run(Path(tmp), warm=warm, poll_s=poll_s, rounds=args.rounds)
                 row = {
                     "pair": pair,
                     "setup": name,
                     "status": result["flower_status"],
-                    "rounds": ROUNDS,
-                    "steps": STEPS,
+                    "rounds": args.rounds,
+                    "steps_per_round": STEPS,
                     **{k: round(v, 1) for k, v in result["timings"].items()},
                     "wall_s": round(time.perf_counter() - started, 1),
                     "load_1min_before": round(load_before, 2),
@@ -64,10 +67,13 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             rows.append(row)
     for name, _, _ in SETUPS:
-        rounds = [r["round_1_s"] for r in rows if r["setup"] == name and "round_1_s" in r]
-        if rounds:
-            summary = {"setup": name, "round_1_s_median": statistics.median(rounds)}
-            print(json.dumps(summary), flush=True)
+        summary: dict[str, object] = {"setup": name}
+        for r in range(1, args.rounds + 1):
+            key = f"round_{r}_s"
+            times = [row[key] for row in rows if row["setup"] == name and key in row]
+            if times:
+                summary[f"{key}_median"] = statistics.median(times)
+        print(json.dumps(summary), flush=True)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text("".join(json.dumps(r) + "\n" for r in rows))
 

@@ -250,7 +250,7 @@ def test_a_node_refuses_to_train_on_a_bad_table_before_touching_its_ledger(
 
     spec = load_spec(BANK)
     context = _node(tmp_path, _csv(_changed(income=(7, "-1")))(tmp_path))
-    arrays = rounds.get_arrays(rounds.initial_model(spec))
+    arrays = rounds.pack(rounds.get_arrays(rounds.initial_model(spec)))
     fitins = FitIns(ndarrays_to_parameters(arrays), _config(spec))
     message = Message(
         compat.fitins_to_recorddict(fitins, True), dst_node_id=7, message_type="train"

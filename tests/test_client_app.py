@@ -66,7 +66,7 @@ def _query(context, spec):
 
 
 def _fit(context, spec, round_=1):
-    arrays = rounds.get_arrays(rounds.initial_model(spec))
+    arrays = rounds.pack(rounds.get_arrays(rounds.initial_model(spec)))
     fitins = FitIns(ndarrays_to_parameters(arrays), _config(spec, round_))
     message = Message(
         compat.fitins_to_recorddict(fitins, True), dst_node_id=7, message_type="train"
@@ -121,7 +121,8 @@ def test_a_plain_update_is_dp_weights_noisy_shares_and_a_noisy_weight(tmp_path):
     assert res.metrics[protocol.EPSILON] == pytest.approx(ledger.epsilon("clinic", 1e-4))
     counts = ledger.recall("clinic", "counts")
     assert res.num_examples == round(sum(counts)) and res.num_examples != 400  # noisy
-    arrays = parameters_to_ndarrays(res.parameters)
+    layout = rounds.layout(rounds.initial_model(spec))
+    arrays = rounds.unpack(parameters_to_ndarrays(res.parameters), layout)  # one vector
     assert arrays[-1] == pytest.approx(np.array(counts) / sum(counts), abs=1e-6)
     assert res.metrics[protocol.STEPS] == plan.steps_per_round
     # a second round re-sends the same release and spends only its steps
@@ -133,7 +134,7 @@ def test_a_plain_update_is_dp_weights_noisy_shares_and_a_noisy_weight(tmp_path):
 def test_evaluate_needs_a_release_first_then_returns_noisy_scores(tmp_path):
     context = _node(tmp_path)
     spec = _spec(secure=False)
-    arrays = rounds.get_arrays(rounds.initial_model(spec))
+    arrays = rounds.pack(rounds.get_arrays(rounds.initial_model(spec)))
     evalins = EvaluateIns(ndarrays_to_parameters(arrays), _config(spec))
     message = Message(
         compat.evaluateins_to_recorddict(evalins, True), dst_node_id=7, message_type="evaluate"
@@ -192,25 +193,26 @@ def test_strategy_steps_from_the_round_start_model_along_the_weighted_average():
         return 2.0
 
     start = [np.zeros(2, dtype=np.float32), np.array([0.5, 0.5], dtype=np.float32)]
+    layout = [(2,), (2,)]
     strategy = FederationStrategy(
-        initial=ndarrays_to_parameters(start),
+        initial=ndarrays_to_parameters(rounds.pack(start)),
         min_nodes=2,
         secure=False,
         message_config={},
         server_step=step,
+        layout=layout,
     )
     # The round starts from another model than the initial one (a later round).
     current = [np.ones(2, dtype=np.float32), np.array([0.5, 0.5], dtype=np.float32)]
-    strategy.configure_fit(3, ndarrays_to_parameters(current), _NoClients())
+    strategy.configure_fit(3, ndarrays_to_parameters(rounds.pack(current)), _NoClients())
     results = []
     for i, (rows, steps) in enumerate(weights):
-        res = _result(
-            [np.full(2, 1.0 + (i + 1), np.float32), np.array([i, 1 - i], np.float32)], f"n{i}"
-        )
+        update = [np.full(2, 1.0 + (i + 1), np.float32), np.array([i, 1 - i], np.float32)]
+        res = _result(rounds.pack(update), f"n{i}")
         res.num_examples, res.metrics[protocol.STEPS] = int(rows), steps
         results.append((_Proxy(i), res))
     aggregate, _ = strategy.aggregate_fit(3, results, [])
-    weights_out, shares = parameters_to_ndarrays(aggregate)
+    weights_out, shares = rounds.unpack(parameters_to_ndarrays(aggregate), layout)
     average = (300 * 2.0 + 100 * 3.0) / 400  # 2.25: FedAvg of the weights
     assert weights_out.tolist() == pytest.approx([1.0 + 2.0 * (average - 1.0)] * 2)
     assert shares.tolist() == pytest.approx([0.25, 0.75])  # the pooled shares, not stepped

@@ -199,11 +199,13 @@ def deployment(tmp_path_factory):
     yield deploy_and_run(tmp_path_factory.mktemp("deployment"))
 
 
-def deploy_and_run(root: Path, *, warm: bool = True, poll_s: float | None = None) -> dict:
-    """Certificates, SuperLink, three nodes and an intruder, one ``flwr run``; every
-    process stopped before returning what the tests (and bench/deployment.py) read.
-    ``warm``: the nodes' fork-server executor (``node-join --warm``), else Flower's;
-    ``poll_s``: ``node-join --poll-s`` (None: its default)."""
+def deploy_and_run(
+    root: Path, *, warm: bool = True, poll_s: float | None = None, rounds: int = ROUNDS
+) -> dict:
+    """Certificates, SuperLink, three nodes and an intruder, one ``flwr run`` of
+    ``rounds`` rounds; every process stopped before returning what the tests (and
+    bench/deployment.py) read. ``warm``: the nodes' fork-server executor (``node-join
+    --warm``), else Flower's; ``poll_s``: ``node-join --poll-s`` (None: its default)."""
     marker = f"{MARKER}={uuid.uuid4().hex}"
     base = {**os.environ, marker.split("=")[0]: marker.split("=")[1]}
     certs = create_server_certificates(root / "certs")
@@ -268,7 +270,8 @@ def deploy_and_run(root: Path, *, warm: bool = True, poll_s: float | None = None
                 "--format",
                 "json",
                 "--run-config",
-                f"spec='bank' home='{home}' rounds={ROUNDS} steps={STEPS} wait-nodes-s=600",
+                f"spec='bank' home='{home}' rounds={rounds} steps={STEPS * rounds} "
+                "wait-nodes-s=600",
             ],
             cli_env,
         )

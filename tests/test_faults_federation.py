@@ -84,7 +84,9 @@ def _config(spec, key: str, round_: int = 1) -> dict:
 
 
 def _fit(context, spec, key, arrays, round_=1):
-    fitins = FitIns(ndarrays_to_parameters(arrays), _config(spec, key, round_))
+    """The node's train handler handed ``arrays`` (``rounds.get_arrays``' list) as the
+    server sends them: packed into one vector."""
+    fitins = FitIns(ndarrays_to_parameters(rounds.pack(arrays)), _config(spec, key, round_))
     message = Message(
         compat.fitins_to_recorddict(fitins, True), dst_node_id=7, message_type="train"
     )
@@ -93,7 +95,7 @@ def _fit(context, spec, key, arrays, round_=1):
 
 
 def _evaluate(context, spec, key, arrays, round_=1):
-    evalins = EvaluateIns(ndarrays_to_parameters(arrays), _config(spec, key, round_))
+    evalins = EvaluateIns(ndarrays_to_parameters(rounds.pack(arrays)), _config(spec, key, round_))
     message = Message(
         compat.evaluateins_to_recorddict(evalins, True), dst_node_id=7, message_type="evaluate"
     )

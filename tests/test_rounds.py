@@ -58,6 +58,20 @@ def test_arrays_round_trip_and_a_wrong_shape_names_the_tensor():
         rounds.set_arrays(other, arrays[:-2])
 
 
+def test_messages_carry_the_arrays_as_one_vector_and_unpack_checks_its_size():
+    model = rounds.initial_model(_spec())
+    arrays = rounds.get_arrays(model)
+    packed = rounds.pack(arrays)
+    assert len(packed) == 1 and packed[0].dtype == np.float32
+    assert packed[0].size == sum(a.size for a in arrays) and len(arrays) > 10
+    for a, b in zip(rounds.unpack(packed, rounds.layout(model)), arrays, strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="expected the packed model"):
+        rounds.unpack(arrays, rounds.layout(model))  # the unpacked list is refused
+    with pytest.raises(ValueError, match="expected the packed model"):
+        rounds.unpack([packed[0][:-1]], rounds.layout(model))
+
+
 def test_a_round_trains_the_global_model_with_dp_and_reports_its_history():
     spec = _spec()
     frame = small_frame(400, seed=1)

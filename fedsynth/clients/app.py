@@ -255,7 +255,7 @@ def train(message: Message, context: Context) -> Message:
             f"{check.after:.3f}, above this node's cap {check.cap:g} (spent {check.spent:.3f})"
         )
     model = rounds.initial_model(spec)
-    rounds.set_arrays(model, start)
+    rounds.set_arrays(model, rounds.unpack(start, rounds.layout(model)))
     data, levels = rounds.encode(session.rows, spec)
     counts = session.released_counts()
     if counts is None:
@@ -311,7 +311,10 @@ def _fit_reply(
         protocol.INSTITUTION: session.config.institution,
         protocol.RESENT: int(resent),
     }
-    fitres = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(arrays), weight, metrics)
+    from fedsynth.generative import rounds
+
+    packed = ndarrays_to_parameters(rounds.pack(arrays))
+    fitres = FitRes(Status(Code.OK, "ok"), packed, weight, metrics)
     return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=message)
 
 
@@ -389,7 +392,7 @@ def evaluate(message: Message, context: Context) -> Message:
         res = EvaluateRes(Status(Code.OK, "no scores"), 0.0, 0, metrics)
         return Message(compat.evaluateres_to_recorddict(res), reply_to=message)
     model = rounds.initial_model(session.spec)
-    rounds.set_arrays(model, to_arrays(evalins.parameters))
+    rounds.set_arrays(model, rounds.unpack(to_arrays(evalins.parameters), rounds.layout(model)))
     scores, history = rounds.evaluation_scores(
         model, session.rows, session.spec, session.plan, counts, seed=session.seed("evaluate")
     )

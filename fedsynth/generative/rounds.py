@@ -1,7 +1,8 @@
 """One node's share of federated training, without Flower: plan, release, train, score.
 
 The federation exchanges a flat list of arrays: every trainable tensor of the model (all
-modules, in ``state_dict`` order) followed by the target-column shares. Each node fills the
+modules, in ``state_dict`` order) followed by the target-column shares, carried in
+messages as one vector (:func:`pack`). Each node fills the
 last array with its own Gaussian-mechanism release of its target counts (made once, at its
 first round, and re-sent unchanged after: re-sending a release costs nothing), so the
 weighted average the server computes is the pooled share over the participants.
@@ -190,6 +191,35 @@ def set_arrays(model: SynthModel, arrays: list[np.ndarray]) -> None:
     release = model.metadata["privacy"]["released"].get("target_marginal")
     if release is not None:
         release["probabilities"] = (shares / max(shares.sum(), 1e-12)).tolist()
+
+
+def layout(model: SynthModel) -> list[tuple[int, ...]]:
+    """The shapes of :func:`get_arrays`' list for this model (what :func:`unpack` needs)."""
+    return [tuple(a.shape) for a in get_arrays(model)]
+
+
+def pack(arrays: list[np.ndarray]) -> list[np.ndarray]:
+    """:func:`get_arrays`' list as one float32 vector, the form messages carry.
+
+    Flower sends each array of a message as its own object, one request each: on
+    loopback a SuperNode took 2-2.8 s to pull the 35 arrays of the bank GAN from the
+    SuperLink and its ClientApp as long again from the SuperNode, per message
+    (docs/deployment.md, "Round time"). One vector is one object. Element-wise steps
+    (FedAvg, SecAgg+'s clipping and quantisation, the server step) are unchanged by it.
+    """
+    return [np.concatenate([np.asarray(a, dtype=np.float32).ravel() for a in arrays])]
+
+
+def unpack(packed: list[np.ndarray], shapes: list[tuple[int, ...]]) -> list[np.ndarray]:
+    """:func:`pack`'s vector back into arrays of ``shapes`` (see :func:`layout`)."""
+    sizes = [math.prod(s) for s in shapes]
+    if len(packed) != 1 or packed[0].ndim != 1 or packed[0].size != sum(sizes):
+        got = [tuple(a.shape) for a in packed]
+        raise ValueError(
+            f"expected the packed model, one vector of {sum(sizes)} values; got arrays {got}"
+        )
+    parts = np.split(np.asarray(packed[0], dtype=np.float32), np.cumsum(sizes)[:-1])
+    return [part.reshape(shape) for part, shape in zip(parts, shapes, strict=True)]
 
 
 def shares_of(model: SynthModel) -> list[float]:

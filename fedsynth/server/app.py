@@ -75,7 +75,7 @@ from fedsynth.home import fedsynth_home
 from fedsynth.privacy import protocol
 from fedsynth.privacy.keys import KeyStore
 from fedsynth.server.audit import AuditLog
-from fedsynth.server.prompt_grid import PromptGrid
+from fedsynth.server.prompt_grid import PromptGrid, prompt_replies
 from fedsynth.server.records import (
     Database,
     Federation,
@@ -131,6 +131,18 @@ class ServerSettings:
             float(config.get("wait-nodes-s", 120)),
             run_name,
         )
+
+
+def global_arrays(legacy: LegacyContext, layout: list[tuple[int, ...]] | None) -> list[Any]:
+    """The global model Flower's workflow holds, as the arrays of ``rounds.get_arrays``."""
+    if layout is None:
+        raise ValueError("the global model's layout is unknown")
+    packed = parameters_to_ndarrays(
+        compat.arrayrecord_to_parameters(
+            legacy.state.array_records[MAIN_PARAMS_RECORD], keep_input=True
+        )
+    )
+    return rounds.unpack(packed, layout)
 
 
 def spec_json(spec: FederationSpec) -> str:
@@ -333,13 +345,15 @@ class FederationServer:
             protocol.RUN: self.run_id,
             protocol.RUN_KEY: self.run_key,
         }
+        layout = [tuple(a.shape) for a in initial]
         strategy = FederationStrategy(
-            initial=ndarrays_to_parameters(initial),
+            initial=ndarrays_to_parameters(rounds.pack(initial)),
             min_nodes=spec.federation.min_nodes,
             secure=secure,
             message_config=message_config,
             evaluation_rounds=spec.federation.evaluation_rounds(),
             server_step=functools.partial(rounds.server_step, spec),
+            layout=layout,
         )
         self._restore(strategy, done)
         if done >= spec.federation.rounds:
@@ -392,12 +406,7 @@ class FederationServer:
                 "no round trained: fewer than federation.min_nodes nodes accepted the first "
                 "round (see the node_refused_budget / node_invalid audit events)"
             )
-        final = parameters_to_ndarrays(
-            compat.arrayrecord_to_parameters(
-                legacy.state.array_records[MAIN_PARAMS_RECORD], keep_input=True
-            )
-        )
-        return self._register(final, strategy, trained_rounds)
+        return self._register(global_arrays(legacy, layout), strategy, trained_rounds)
 
     def _round(
         self,
@@ -431,11 +440,7 @@ class FederationServer:
         if log is None or not log.aggregated:
             raise RoundFailed(f"round {server_round}: no aggregate was produced")
         default_evaluate_workflow(grid, legacy)
-        arrays = parameters_to_ndarrays(
-            compat.arrayrecord_to_parameters(
-                legacy.state.array_records[MAIN_PARAMS_RECORD], keep_input=True
-            )
-        )
+        arrays = global_arrays(legacy, strategy.layout)
         # Checkpoint, then record: a round is done once recorded, and a resumed run
         # starts from the checkpoint of the last round recorded done.
         self.registry.checkpoint(spec.federation.name, self.run_id, server_round, arrays)
@@ -844,6 +849,7 @@ def make_server_app(
         config = {**dict(context.run_config), **(overrides or {})}
         if isinstance(grid, HttpGrid):  # the deployment engine: see fedsynth.server.prompt_grid
             grid = PromptGrid(grid)
+            prompt_replies()
         FederationServer(ServerSettings.from_run_config(config), on_round).run(grid, context)
 
     return app

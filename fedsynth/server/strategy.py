@@ -52,6 +52,7 @@ class FederationStrategy(FedAvg):
         message_config: dict[str, Scalar],
         evaluation_rounds: list[int] | None = None,
         server_step: Callable[[list[tuple[float, int]]], float] | None = None,
+        layout: list[tuple[int, ...]] | None = None,
     ) -> None:
         super().__init__(
             fraction_fit=1.0,
@@ -72,6 +73,9 @@ class FederationStrategy(FedAvg):
         # how far to step from it along their average (rounds.server_step); None: FedAvg.
         self.current = initial
         self.server_step = server_step
+        # The arrays' shapes inside the packed vector messages carry (rounds.pack); the
+        # server step treats the last one, the target shares, apart.
+        self.layout = layout
 
     def _config(self, server_round: int) -> dict[str, Scalar]:
         return {**self.message_config, protocol.ROUND: server_round}
@@ -123,10 +127,14 @@ class FederationStrategy(FedAvg):
                 ]
             )
             log.server_learning_rate = factor
+            if self.layout is None:
+                raise ValueError("a server step needs the model's layout")
+            current, average = (
+                rounds.unpack(parameters_to_ndarrays(p), self.layout)
+                for p in (self.current, aggregate)
+            )
             aggregate = ndarrays_to_parameters(
-                rounds.step_along(
-                    parameters_to_ndarrays(self.current), parameters_to_ndarrays(aggregate), factor
-                )
+                rounds.pack(rounds.step_along(current, average, factor))
             )
         log.aggregated = True
         return aggregate, {}
