@@ -52,6 +52,7 @@ PRELOAD = (
     "scipy.stats",
     "sklearn.ensemble",
     "torch",
+    "torch._dynamo",  # imported lazily by the first optimizer a process makes: 1 s here
     "opacus",
     "pydantic",
     "sqlalchemy",
