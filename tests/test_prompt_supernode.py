@@ -23,13 +23,16 @@ def test_the_idle_sleep_is_short_only_within_the_busy_window():
     poll = PromptPoll(0.5, clock=lambda: clock.now, sleep=clock.sleep)
     poll.sleep(3)  # no message yet: Flower's 3 s
     poll.received()
-    poll.sleep(3)
+    for _ in range(6):  # empty polls after a message: 50 ms, doubling up to poll_s
+        poll.sleep(3)
+    poll.received()
+    poll.sleep(3)  # a new message starts again from 50 ms
     poll.sleep(0.5)  # the local wait for the ClientApp's reply, while busy
     poll.sleep(1)  # any other sleep is left alone
     clock.now += BUSY_WINDOW_S
     poll.sleep(3)  # idle again
     poll.sleep(0.5)
-    assert clock.slept == [3, 0.5, 0.05, 1, 3, 0.5]
+    assert clock.slept == [3, 0.05, 0.1, 0.2, 0.4, 0.5, 0.5, 0.05, 0.05, 1, 3, 0.5]
     assert poll.monotonic is not None  # everything else is the real time module
 
 

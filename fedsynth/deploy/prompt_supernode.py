@@ -7,9 +7,11 @@ costs at least 3 s, six exchanges a round here, whatever the ClientApp does: nod
 come 3.5-3.7 s apart on loopback (docs/deployment.md, "Round time"). The interval is not a
 setting in 1.41, so this module is run instead of the ``flower-supernode`` script: it
 replaces that sleep, and only while the node is busy. For :data:`BUSY_WINDOW_S` after
-the last message it received, the node asks again every ``poll_s`` (a command-line
-option); after that it is idle and falls back to Flower's 3 s, so an idle federation
-costs the SuperLink what it costs with stock Flower.
+the last message it received, the node asks again after 50 ms, then after twice as long
+each time, up to ``poll_s`` (a command-line option): about six requests in the first two
+seconds after a reply, then one every ``poll_s``. After that window it is idle and falls
+back to Flower's 3 s, so an idle federation costs the SuperLink what it costs with stock
+Flower.
 
 While busy, the same loop's 0.5 s waits for the ClientApp's reply to appear in the node's
 own state (``_push_messages``) become 50 ms: a local check, not a request. And the node's
@@ -41,6 +43,8 @@ BUSY_WINDOW_S = 60.0
 FLOWER_IDLE_SLEEP_S = 3
 #: Shortest poll interval accepted: below it the SuperLink gets flooded for little gain.
 MIN_POLL_S = 0.05
+#: The first wait after an empty poll while busy; each further one doubles, up to poll_s.
+FIRST_POLL_S = 0.05
 #: flwr 1.41's wait, in the same loop, for the ClientApp's reply (and its objects) to
 #: appear in the node's own state; a local check, so while busy it runs at LOCAL_WAIT_S.
 FLOWER_LOCAL_WAIT_S = 0.5
@@ -64,14 +68,20 @@ class PromptPoll:
         self._clock = clock
         self._sleep = sleep
         self.last_message = -float("inf")
+        self.empty_polls = 0  # polls that found nothing since the last message
 
     def received(self) -> None:
         self.last_message = self._clock()
+        self.empty_polls = 0
 
     def sleep(self, seconds: float) -> None:
         busy = self._clock() - self.last_message < self.busy_window_s
         if seconds == FLOWER_IDLE_SLEEP_S and busy:
-            seconds = self.poll_s
+            # Soon after a reply the next message is often a fraction of a second away
+            # (the other nodes' replies to a light SecAgg+ stage): ask again after 50 ms,
+            # then twice as long each time, up to poll_s.
+            seconds = min(self.poll_s, FIRST_POLL_S * 2**self.empty_polls)
+            self.empty_polls += 1
         elif seconds == FLOWER_LOCAL_WAIT_S and busy:
             seconds = LOCAL_WAIT_S
         self._sleep(seconds)
@@ -118,7 +128,13 @@ def main(argv: list[str]) -> None:
     if install(poll_s) is None:
         log(30, "fedsynth: this flwr's SuperNode loop is not the one expected; polling as is")
     else:
-        log(20, "fedsynth: polling every %g s for %g s after each message", poll_s, BUSY_WINDOW_S)
+        log(
+            20,
+            "fedsynth: polling from %g s up to every %g s for %g s after each message",
+            FIRST_POLL_S,
+            poll_s,
+            BUSY_WINDOW_S,
+        )
     sys.argv = ["flower-supernode", *argv[2:]]
     flower_supernode()
 

@@ -23,8 +23,9 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp.grid import Grid
 from flwr.supercore.run import Run
 
-#: Seconds between pulls for replies: a pull is one small TLS request to the SuperLink.
-PULL_INTERVAL_S = 0.25
+#: Seconds between pulls for replies: a pull is one small TLS request to the SuperLink
+#: (ten a second from the one ServerApp of a run, only while it waits for replies).
+PULL_INTERVAL_S = 0.1
 
 
 def prompt_replies() -> bool:
