@@ -8,11 +8,12 @@ one-off noise calibration and the idle nodes' first poll; round 2 is a round of 
 under way. ``--no-warm --poll-s 0`` nodes are Flower as shipped (a fresh ``flwr-clientapp``
 process per message, a fixed 3 s poll); ``--warm`` nodes fork each ClientApp from a server
 that loaded torch and Opacus once (``fedsynth.deploy.warm_executor``); node join's default
-adds prompt polling while a run is active (``fedsynth.deploy.prompt_supernode``). The
+adds prompt polling while a run is active (``fedsynth.deploy.prompt_supernode``); the last
+setup also keeps the SuperLink's state in memory (``deploy server-start --in-memory``). The
 setups alternate, so drift of the machine's speed falls on all. One JSON line per run, to
 bench/results/deployment.jsonl.
 
-    python bench/deployment.py             # the 3 setups twice, about 12 minutes
+    python bench/deployment.py             # the 4 setups twice, about 15 minutes
     python bench/deployment.py --pairs 1 --rounds 1
 """
 
@@ -33,11 +34,13 @@ sys.path.insert(0, str(REPO))  # the deployment helpers live with the test that 
 from tests.test_deployment import STEPS, deploy_and_run  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "deployment.jsonl"
-#: (name, node-join --warm, --poll-s): Flower as shipped, then each change added.
+#: (name, node-join --warm, --poll-s, SuperLink state in memory): Flower as shipped,
+#: then each change added; the last trades the SuperLink's restart for speed.
 SETUPS = (
-    ("flower as shipped", False, 0.0),
-    ("warm executor", True, 0.0),
-    ("warm executor + prompt poll", True, None),  # node join's defaults
+    ("flower as shipped", False, 0.0, False),
+    ("warm executor", True, 0.0, False),
+    ("warm executor + prompt poll", True, None, False),  # node join's defaults
+    ("node join defaults, SuperLink state in memory", True, None, True),
 )
 
 
@@ -48,11 +51,17 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     for pair in range(args.pairs):
-        for name, warm, poll_s in SETUPS:
+        for name, warm, poll_s, in_memory in SETUPS:
             with tempfile.TemporaryDirectory(prefix="fedsynth-deploy-bench-") as tmp:
                 load_before = os.getloadavg()[0]
                 started = time.perf_counter()
-                result = deploy_and_run(Path(tmp), warm=warm, poll_s=poll_s, rounds=args.rounds)
+                result = deploy_and_run(
+                    Path(tmp),
+                    warm=warm,
+                    poll_s=poll_s,
+                    rounds=args.rounds,
+                    superlink_in_memory=in_memory,
+                )
                 row = {
                     "pair": pair,
                     "setup": name,
@@ -66,7 +75,7 @@ def main() -> None:
                 }
             print(json.dumps(row), flush=True)
             rows.append(row)
-    for name, _, _ in SETUPS:
+    for name, *_ in SETUPS:
         summary: dict[str, object] = {"setup": name}
         for r in range(1, args.rounds + 1):
             key = f"round_{r}_s"

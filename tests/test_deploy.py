@@ -213,3 +213,25 @@ def test_node_join_checks_the_table_against_the_spec(tmp_path):
     )
     assert done.returncode == 2
     assert "default" in done.stderr and "Maybe" in done.stderr
+
+
+def test_server_start_keeps_the_superlink_state_in_a_file_unless_told_in_memory(
+    tmp_path, monkeypatch
+):
+    from fedsynth.deploy import cli as deploy_cli
+
+    certs = create_server_certificates(tmp_path / "certs")
+    started: list[list[str]] = []
+
+    def record(cmd, env):
+        started.append(cmd)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(deploy_cli, "_exec", record)
+    base = ["server-start", "--certs", str(certs.folder), "--state", str(tmp_path / "state")]
+    for extra in ([], ["--in-memory"]):
+        result = CliRunner().invoke(deploy_cli.deploy_app, [*base, *extra])
+        assert result.exit_code == 0, result.output
+    on_disk, in_memory = started
+    assert on_disk[on_disk.index("--database") + 1] == str(tmp_path / "state" / "superlink.db")
+    assert "--database" not in in_memory

@@ -200,12 +200,18 @@ def deployment(tmp_path_factory):
 
 
 def deploy_and_run(
-    root: Path, *, warm: bool = True, poll_s: float | None = None, rounds: int = ROUNDS
+    root: Path,
+    *,
+    warm: bool = True,
+    poll_s: float | None = None,
+    rounds: int = ROUNDS,
+    superlink_in_memory: bool = False,
 ) -> dict:
     """Certificates, SuperLink, three nodes and an intruder, one ``flwr run`` of
     ``rounds`` rounds; every process stopped before returning what the tests (and
     bench/deployment.py) read. ``warm``: the nodes' fork-server executor (``node-join
-    --warm``), else Flower's; ``poll_s``: ``node-join --poll-s`` (None: its default)."""
+    --warm``), else Flower's; ``poll_s``: ``node-join --poll-s`` (None: its default);
+    ``superlink_in_memory``: the SuperLink's state in memory, not in a SQLite file."""
     marker = f"{MARKER}={uuid.uuid4().hex}"
     base = {**os.environ, marker.split("=")[0]: marker.split("=")[1]}
     certs = create_server_certificates(root / "certs")
@@ -226,6 +232,7 @@ def deploy_and_run(
             root / "superlink",
             port=port,
             env=flower_environment(root / "flwr-superlink", base),
+            in_memory=superlink_in_memory,
         )
         processes.append(link)
         wait_for_port(port, link, timeout=120)

@@ -108,6 +108,15 @@ def server_start(
             help="Admit only SuperNodes whose public key was registered",
         ),
     ] = True,
+    in_memory: Annotated[
+        bool,
+        typer.Option(
+            "--in-memory",
+            help="Keep the SuperLink's state in memory, not in STATE/superlink.db: "
+            "faster rounds (docs/deployment.md, 'Round time'), but a restart forgets the "
+            "registered node keys (register them again) and the runs in flight",
+        ),
+    ] = False,
 ) -> None:
     """Become ``flower-superlink`` with TLS (and node authentication, by default)."""
     try:
@@ -127,7 +136,7 @@ def server_start(
         certificates,
         host=host,
         port=port,
-        database=state / "superlink.db",
+        database=None if in_memory else state / "superlink.db",
         node_auth=node_auth,
         log_file=state / "superlink.log",
     )

@@ -138,9 +138,11 @@ def start_superlink(
     port: int = SUPERLINK_PORT,
     node_auth: bool = True,
     env: Mapping[str, str] | None = None,
+    in_memory: bool = False,
 ) -> subprocess.Popen[bytes]:
     """Start ``flower-superlink`` (see :func:`superlink_command`) in a new session, its
-    state in ``state_dir/superlink.db``, its output in ``state_dir/superlink.log``.
+    state in ``state_dir/superlink.db`` (in memory if ``in_memory``), its output in
+    ``state_dir/superlink.log``.
 
     The SuperLink starts its executor in a session of its own; that executor exits when
     the SuperLink does. The caller stops the returned process (``os.killpg``).
@@ -153,7 +155,7 @@ def start_superlink(
                 certificates,
                 host=host,
                 port=port,
-                database=state_dir / "superlink.db",
+                database=None if in_memory else state_dir / "superlink.db",
                 node_auth=node_auth,
             ),
             env=flower_environment(base=env),
