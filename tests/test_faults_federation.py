@@ -121,6 +121,9 @@ def test_a_round_asked_again_is_resent_not_trained_or_spent_twice(tmp_path):
     first = _fit(context, spec, key, start)
     entries = _entries(tmp_path)
     assert [e["kind"] for e in entries] == ["release", "train"]
+    # The ledger names the global model by the digest of its arrays (not of the packed
+    # vector the message carried), so it matches the registry's checkpoint of the round.
+    assert entries[-1]["input_sha256"] == digest(start)
     spent = PrivacyLedger(tmp_path / "ledger.json").epsilon("clinic", spec.privacy.delta)
 
     again = _fit(context, spec, key, start)  # the server restarted and asks round 1 again

@@ -242,7 +242,9 @@ def train(message: Message, context: Context) -> Message:
             f"{session.federation}: the spec requires secure aggregation; "
             "this node does not send a plain update"
         )
-    start = to_arrays(fitins.parameters)
+    # The global model in get_arrays' layout: its digest is the registry checkpoint's.
+    model = rounds.initial_model(spec)
+    start = rounds.unpack(to_arrays(fitins.parameters), rounds.layout(model))
     earlier = session.released("train")
     if earlier is not None:
         return _resend_update(message, session, earlier, digest(start))
@@ -254,8 +256,7 @@ def train(message: Message, context: Context) -> Message:
             f"{session.config.institution}: round {session.round} would reach epsilon "
             f"{check.after:.3f}, above this node's cap {check.cap:g} (spent {check.spent:.3f})"
         )
-    model = rounds.initial_model(spec)
-    rounds.set_arrays(model, rounds.unpack(start, rounds.layout(model)))
+    rounds.set_arrays(model, start)
     data, levels = rounds.encode(session.rows, spec)
     counts = session.released_counts()
     if counts is None:
@@ -363,7 +364,9 @@ def evaluate(message: Message, context: Context) -> Message:
     evalins = compat.recorddict_to_evaluateins(message.content, keep_input=True)
     session = open_session(context, dict(evalins.config))
     metrics: dict[str, Scalar] = {protocol.INSTITUTION: session.config.institution}
-    model_digest = digest(to_arrays(evalins.parameters))
+    model = rounds.initial_model(session.spec)
+    arrays = rounds.unpack(to_arrays(evalins.parameters), rounds.layout(model))
+    model_digest = digest(arrays)  # in get_arrays' layout, as the registry's checkpoints
     earlier = session.released("evaluate")
     if earlier is not None:
         # Scored already in this run and round: the same scores again (no new cost), and
@@ -391,8 +394,7 @@ def evaluate(message: Message, context: Context) -> Message:
         metrics[protocol.STATUS] = protocol.REFUSE
         res = EvaluateRes(Status(Code.OK, "no scores"), 0.0, 0, metrics)
         return Message(compat.evaluateres_to_recorddict(res), reply_to=message)
-    model = rounds.initial_model(session.spec)
-    rounds.set_arrays(model, rounds.unpack(to_arrays(evalins.parameters), rounds.layout(model)))
+    rounds.set_arrays(model, arrays)
     scores, history = rounds.evaluation_scores(
         model, session.rows, session.spec, session.plan, counts, seed=session.seed("evaluate")
     )
