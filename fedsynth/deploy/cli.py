@@ -216,8 +216,8 @@ def node_join(
         float,
         typer.Option(
             "--poll-s",
-            help="While a run is active, ask for the next message every this many seconds "
-            "(0: Flower's fixed 3 s)",
+            help="While a run is active, ask for the next message 50 ms after a reply, then "
+            "twice as long each time up to this many seconds (0: Flower's fixed 3 s)",
             min=0.0,
             max=3.0,
         ),

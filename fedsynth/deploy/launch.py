@@ -54,9 +54,10 @@ FLOWER_CONFIG_FILE = "config.toml"
 #: a core instead of 0.8 % (measured over 30 s; 6.5 % at 0.1 s).
 NODE_TASK_POLL_S = 0.2
 #: While a run is active, a SuperNode asks the SuperLink for its next message every this
-#: many seconds instead of Flower's fixed 3 (``fedsynth.deploy.prompt_supernode``): each of
-#: a round's six exchanges then waits at most this long; the SuperLink serves two requests
-#: a second per node during a run, and Flower's one per 3 s when idle.
+#: many seconds instead of Flower's fixed 3, after first asking 50 ms after a reply and
+#: doubling (``fedsynth.deploy.prompt_supernode``): each of a round's six exchanges then
+#: waits at most this long; the SuperLink serves about six requests per node in the two
+#: seconds after a reply, two a second after that, and Flower's one per 3 s when idle.
 NODE_POLL_S = 0.5
 TASK_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
 
