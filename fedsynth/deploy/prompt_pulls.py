@@ -13,7 +13,8 @@ the SuperNode had within about a second; the SuperNode's own pull took 1.3-2.1 s
 :func:`install` wraps ``pull_objects`` so that its first retry comes after
 :data:`INITIAL_BACKOFF_S`; later retries still double up to Flower's cap, and the number of
 tries and the time limit are Flower's. Nothing else changes. It is applied in the SuperNode
-(``fedsynth.deploy.prompt_supernode``) and, through ``fedsynth.deploy.fork_preload``, in
+(``fedsynth.deploy.prompt_supernode``), in the ServerApp's pulls of replies
+(``fedsynth.server.prompt_grid``) and, through ``forkserver/fedsynth_fork_preload.py``, in
 every ClientApp the node's warm executor forks.
 """
 
@@ -52,15 +53,9 @@ def install(*modules: ModuleType) -> bool:
     from flwr.supercore.inflatable import inflatable_utils
 
     targets = [inflatable_utils, *modules]
-    if not all(
-        "initial_backoff" in inspect.signature(getattr(m, "pull_objects", None) or _none).parameters
-        for m in targets
-    ):
+    pulls = [getattr(m, "pull_objects", None) for m in targets]
+    if not all(p and "initial_backoff" in inspect.signature(p).parameters for p in pulls):
         return False
     for module in targets:
         module.pull_objects = prompt(module.pull_objects)  # type: ignore[attr-defined]
     return True
-
-
-def _none() -> None:  # stands in for a missing pull_objects in the signature check
-    return None
