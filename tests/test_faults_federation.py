@@ -645,7 +645,11 @@ def test_a_killed_node_fails_the_round_cleanly_and_the_model_does_not_advance(fa
     failed = [e for e in _events(faults["home"], run.id) if e.event_type == "round_failed"]
     assert [e.payload["round"] for e in failed] == [2]
     assert "secure aggregation halted" in failed[0].payload["reason"]
-    assert "Node Unavailable" in failed[0].payload["reason"]
+    # Flower names the dead node one of two ways, by when the kill lands: before its reply
+    # was announced (no heartbeat: "Node Unavailable"), or after the announcement and before
+    # its objects were uploaded (they never arrive; seen in CI on 2026-12-03)
+    reason = failed[0].payload["reason"]
+    assert "Node Unavailable" in reason or "Reply message objects are unavailable" in reason
 
 
 @pytest.mark.slow
