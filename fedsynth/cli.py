@@ -58,7 +58,8 @@ def train(
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Override training.seed")] = None,
 ) -> None:
-    """Train the spec's GAN or VAE on one local table with DP-SGD (no federation)."""
+    """Train the spec's model on one local table (no federation): a GAN or VAE with
+    DP-SGD, or the marginals kind (noisy marginals and a graphical model)."""
     from fedsynth.generative.spec import SpecError, load_spec, parse_spec
     from fedsynth.generative.table import TableError, load_table
     from fedsynth.generative.training import TrainingError, check_rows
@@ -83,6 +84,20 @@ def train(
         f"training [bold]{loaded.model.kind}[/] on {len(frame):,} rows of {data.name}, "
         f"target epsilon {loaded.privacy.target_epsilon:g} at delta {loaded.privacy.delta:g}"
     )
+    if loaded.model.kind == "marginals":
+        from fedsynth.generative.marginals import train_marginals
+
+        with console.status("measuring marginals and fitting the graphical model"):
+            fitted = train_marginals([frame], loaded)
+        fitted.save(out)
+        sigma = fitted.metadata["privacy"]["sigma"]
+        console.print(
+            f"saved {out} (epsilon {fitted.metadata['privacy']['epsilon']}, noise "
+            f"{sigma['one_way']:.1f} / {sigma['scores']:.1f} / {sigma['two_way']:.1f} on the "
+            f"one-way counts / pair scores / {len(fitted.edges)} pair counts, "
+            f"{fitted.metadata['training']['fit_seconds']:.1f} s)"
+        )
+        return
     bar = Progress(
         TextColumn("epoch {task.fields[epoch]}"),
         BarColumn(),

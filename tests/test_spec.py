@@ -26,7 +26,7 @@ def test_a_valid_spec_loads_with_its_schema():
     [
         (
             lambda r: r["model"].update(kind="diffusion"),
-            "model.kind: Input should be 'gan' or 'vae'",
+            "model.kind: Input should be 'gan', 'vae' or 'marginals'",
         ),
         (
             lambda r: r["privacy"].update(target_epsilon=0),
@@ -119,7 +119,7 @@ def test_a_file_with_an_unknown_model_kind_names_the_file_and_the_key(tmp_path):
     )
     with pytest.raises(SpecError) as caught:
         load_spec(spec)
-    assert str(caught.value) == "bank.toml: model.kind: Input should be 'gan' or 'vae'"
+    assert str(caught.value) == "bank.toml: model.kind: Input should be 'gan', 'vae' or 'marginals'"
 
 
 def test_delta_must_be_below_one_over_the_rows():

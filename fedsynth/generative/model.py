@@ -173,17 +173,20 @@ class SynthModel:
         return self.codec.decode(codes, offsets)
 
     # ------------------------------------------------------------------ artifact
-    def save(self, directory: str | Path) -> Path:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tensors = {
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """What ``weights.safetensors`` holds: every module's state, by module name."""
+        return {
             f"{name}.{key}": value.detach().contiguous().clone()
             for name, module in self.modules.items()
             for key, value in module.state_dict().items()
         }
+
+    def save(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
         weights = directory / WEIGHTS_FILE
         tmp = weights.with_suffix(".tmp")
-        save_file(tensors, str(tmp))
+        save_file(self.tensors(), str(tmp))
         tmp.replace(weights)
         meta = dict(self.metadata, format=FORMAT, weights_sha256=_sha256(weights.read_bytes()))
         meta.pop("metadata_sha256", None)
@@ -218,6 +221,13 @@ class SynthModel:
             raise ModelFileError(f"{weights_path}: not a valid safetensors file ({exc})") from None
         schema = Schema.model_validate(meta["schema"])
         codec = Codec(schema, default_bins=int(meta["codec"]["default_bins"]))
+        if meta["kind"] == "marginals":
+            from fedsynth.generative.marginals import MarginalModel
+
+            try:
+                return MarginalModel.from_tensors(schema, codec, tensors, meta)
+            except ValueError as exc:
+                raise ModelFileError(f"{weights_path}: does not fit the model ({exc})") from None
         modules = build_modules(meta["kind"], codec, meta["architecture"])
         for name, module in modules.items():
             prefix = f"{name}."

@@ -53,7 +53,9 @@ class FederationSection(_Section):
 
 
 class ModelSection(_Section):
-    kind: Literal["gan", "vae"]
+    # gan and vae train with DP-SGD; marginals fits a graphical model to noisy marginals
+    # (fedsynth.generative.marginals), the strongest kind at small epsilon
+    kind: Literal["gan", "vae", "marginals"]
     # Hidden widths of the generator (GAN) or decoder (VAE); small tables want small nets.
     generator_hidden: list[Annotated[int, Field(ge=4, le=4096)]] = [128, 128]
     # Hidden widths of the discriminator (GAN) or encoder (VAE).
@@ -157,6 +159,22 @@ class FederationSpec(_Section):
     training: TrainingSection
     secure_aggregation: SecureAggregationSection = SecureAggregationSection()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _marginals_default_to_rdp(cls, raw: Any) -> Any:
+        """A marginals federation's default accountant is RDP (see _rdp_for_marginals)."""
+        model, privacy = (
+            raw.get(k) if isinstance(raw, dict) else None for k in ("model", "privacy")
+        )
+        if (
+            isinstance(model, dict)
+            and model.get("kind") == "marginals"
+            and isinstance(privacy, dict)
+            and "accountant" not in privacy
+        ):
+            return {**raw, "privacy": {**privacy, "accountant": "rdp"}}
+        return raw
+
     @field_validator("columns")
     @classmethod
     def _valid_schema(cls, columns: list[Column]) -> list[Column]:
@@ -174,6 +192,17 @@ class FederationSpec(_Section):
             raise ValueError(
                 "federation.min_nodes must be at least 3 with secure aggregation: with two "
                 "updates in a sum, one node colluding with the server learns the other's"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _rdp_for_marginals(self) -> FederationSpec:
+        # The discrete Gaussian's proven bound is zCDP, which RDP accounts exactly; PRV's
+        # tighter curve is proven for the continuous Gaussian only.
+        if self.model.kind == "marginals" and self.privacy.accountant != "rdp":
+            raise ValueError(
+                "privacy.accountant must be 'rdp' with model.kind = 'marginals': its "
+                "discrete Gaussian noise is proven zCDP, not the PRV accountant's curve"
             )
         return self
 

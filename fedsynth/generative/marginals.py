@@ -1,0 +1,527 @@
+"""Marginal-based synthesis in the style of MST: a graphical model fitted to noisy marginals.
+
+At epsilon around 1, methods that measure a few low-order marginals with Gaussian noise and
+fit a graphical model to them (MST, AIM; McKenna et al.) beat DP-SGD generators on tables:
+the noise goes into a handful of counts instead of every weight of a network.
+
+Every column is discretised by the codec (fedsynth.generative.codec): categories and
+booleans as declared, numeric columns into the equal-width bins of their *declared* range,
+nulls into one extra cell. No bin edge depends on data. Three measurements, each a sum over
+the nodes of a federation (one node when trained centrally):
+
+1. ``one_way``: every column's histogram.
+2. ``scores``: for every pair of columns, the L1 distance between the node's pair counts and
+   what independence under the released one-way shares predicts. The maximum spanning tree
+   of the summed noisy scores picks the pairs worth measuring (MST's selection, with the
+   Gaussian mechanism instead of the exponential one so that nodes' scores can be summed).
+3. ``two_way``: the histograms of the tree's pairs.
+
+mbi (private-pgm's estimator) fits a Markov random field to all measurements. The model
+stores the fitted one- and two-way marginals of the tree and samples from them with its own
+seeded, numpy-only sampler (mbi's ``synthetic_data`` draws from numpy's global RNG and takes
+no conditions); conditions are exact, by message passing over the tree.
+
+Privacy. Counts get discrete Gaussian noise from OpenDP (floating-point Gaussian noise is
+attackable, as the private-pgm docs warn), and scores, which are real numbers, are floored to
+integers first. Adding or removing one row moves each histogram by 1 in L2 and each pair's
+score by at most 2 (one count, plus the expected counts' total mass of one row), so a phase of
+``k`` histograms with noise ``sigma`` is the accountant history entry ``(sigma, 1.0, k)``
+and the scores are ``(sigma / 2, 1.0, pairs)``: Gaussian mechanisms with sample rate 1, in
+the same terms as DP-SGD (fedsynth.generative.accounting). The discrete Gaussian satisfies
+the same zCDP bound as the continuous one (Canonne, Kamath, Steinke 2020), which is why this
+kind is accounted with the RDP accountant; PRV's tighter bound is proven for the continuous
+Gaussian only. Each node adds the full noise to its own measurements, so a node's release is
+protected by its own noise even if the server and the other nodes collude; the price is that
+a sum over ``m`` nodes carries ``sqrt(m)`` times the noise of one central measurement.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from itertools import combinations
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from fedsynth.generative.accounting import epsilon_of
+from fedsynth.generative.codec import Codec
+from fedsynth.generative.model import DEFAULT_CHUNK, SynthModel
+from fedsynth.generative.schema import Schema
+from fedsynth.generative.spec import FederationSpec
+
+KIND = "marginals"
+#: Shares of the zCDP budget (rho) of the three measurements. MST splits evenly; the
+#: two-way histograms are what the model is made of, so they get most of it here.
+SHARES = {"one_way": 0.1, "scores": 0.1, "two_way": 0.8}
+#: Sensitivity of one pair's score to adding or removing a row (see the module docstring).
+SCORE_SENSITIVITY = 2
+#: Mirror-descent iterations of the fit.
+FIT_ITERATIONS = 1500
+
+
+# ---------------------------------------------------------------------- domain and codes
+def domain_sizes(codec: Codec) -> list[int]:
+    """Cells per column: its levels or bins, plus one for null where allowed."""
+    return [c.block_size for c in codec.columns]
+
+
+def column_codes(codec: Codec, frame: pd.DataFrame) -> np.ndarray:
+    """Each row's cell in each column (rows x columns, int64), null in the last cell."""
+    codes = np.empty((len(frame), len(codec.columns)), dtype=np.int64)
+    for j, column in enumerate(codec.columns):
+        codes[:, j] = column.codes_and_offsets(frame[column.column.name])[0]
+    return codes
+
+
+def all_pairs(n_columns: int) -> list[tuple[int, int]]:
+    return list(combinations(range(n_columns), 2))
+
+
+def histogram(codes: np.ndarray, sizes: Sequence[int], clique: Sequence[int]) -> np.ndarray:
+    """Exact counts of ``clique``'s cells (C order over the clique's columns)."""
+    shape = [sizes[j] for j in clique]
+    if not len(codes):
+        return np.zeros(math.prod(shape), dtype=np.int64)
+    flat = np.ravel_multi_index([codes[:, j] for j in clique], shape)
+    return np.bincount(flat, minlength=math.prod(shape))
+
+
+# ---------------------------------------------------------------------- noise and budget
+@dataclass(frozen=True)
+class MeasurementPlan:
+    """Noise of each measurement, the same for every node of a federation."""
+
+    n_columns: int
+    sigma_one_way: float  # per histogram cell
+    sigma_scores: float  # per pair score
+    sigma_two_way: float  # per histogram cell
+
+    @property
+    def n_pairs(self) -> int:
+        return self.n_columns * (self.n_columns - 1) // 2
+
+    @property
+    def n_edges(self) -> int:
+        return max(self.n_columns - 1, 0)
+
+    def history(self, phase: str) -> list[tuple[float, float, int]]:
+        """Accountant entries of one phase (see the module docstring)."""
+        if math.isinf(self.sigma_two_way) or self.sigma_two_way == 0:
+            return []
+        if phase == "one_way":
+            return [(self.sigma_one_way, 1.0, self.n_columns)]
+        if phase == "scores":
+            return (
+                [(self.sigma_scores / SCORE_SENSITIVITY, 1.0, self.n_pairs)] if self.n_pairs else []
+            )
+        if phase == "two_way":
+            return [(self.sigma_two_way, 1.0, self.n_edges)] if self.n_edges else []
+        raise ValueError(f"unknown measurement phase {phase!r}")
+
+    def full_history(self) -> list[tuple[float, float, int]]:
+        return [e for phase in SHARES for e in self.history(phase)]
+
+
+def plan_measurements(n_columns: int, epsilon: float, delta: float) -> MeasurementPlan:
+    """The noise that makes the three measurements together cost ``epsilon`` (at ``delta``,
+    RDP accountant); no noise for epsilon = inf."""
+    if n_columns < 1:
+        raise ValueError("a marginal model needs at least one column")
+    if math.isinf(epsilon):
+        return MeasurementPlan(n_columns, 0.0, 0.0, 0.0)
+    return _plan(n_columns, float(epsilon), float(delta))
+
+
+@functools.lru_cache(maxsize=64)
+def _plan(n_columns: int, epsilon: float, delta: float) -> MeasurementPlan:
+    def plan_for(rho: float) -> MeasurementPlan:
+        # a phase of k Gaussian mechanisms with sensitivity s and noise sigma costs
+        # k s^2 / (2 sigma^2) zCDP
+        pairs = n_columns * (n_columns - 1) // 2
+        one = math.sqrt(n_columns / (2 * SHARES["one_way"] * rho))
+        scores = SCORE_SENSITIVITY * math.sqrt(max(pairs, 1) / (2 * SHARES["scores"] * rho))
+        two = math.sqrt(max(n_columns - 1, 1) / (2 * SHARES["two_way"] * rho))
+        return MeasurementPlan(n_columns, one, scores, two)
+
+    def spent(rho: float) -> float:
+        with warnings.catch_warnings():  # tiny trial rho: the largest order is optimal
+            warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+            return epsilon_of(plan_for(rho).full_history(), delta, "rdp")
+
+    # rho-zCDP gives epsilon = rho + 2 sqrt(rho log(1/delta)): a bracket for the search
+    lo, hi = 1e-9, max(epsilon, 1e-3)
+    while spent(hi) <= epsilon:
+        lo, hi = hi, hi * 2
+    for _ in range(60):  # bisection on log(rho): RDP evaluations cost microseconds
+        mid = math.sqrt(lo * hi)
+        lo, hi = (mid, hi) if spent(mid) <= epsilon else (lo, mid)
+        if hi / lo < 1 + 1e-6:
+            break
+    return plan_for(lo)
+
+
+def discrete_gaussian(values: np.ndarray, sigma: float, sensitivity: int = 1) -> np.ndarray:
+    """``values`` (integers) plus discrete Gaussian noise of scale ``sigma``, from OpenDP.
+
+    Checks OpenDP's own privacy map against the zCDP this module accounts for.
+    """
+    values = np.asarray(values, dtype=np.int64)
+    if sigma == 0:
+        return values.copy()
+    measurement = _gaussian(float(sigma))
+    rho = measurement.map(int(sensitivity))
+    expected = sensitivity**2 / (2 * sigma**2)
+    if rho > expected * (1 + 1e-9):
+        raise RuntimeError(f"OpenDP charges rho={rho} for what is accounted as {expected}")
+    return np.asarray(measurement(values.tolist()), dtype=np.int64)
+
+
+@functools.lru_cache(maxsize=16)
+def _gaussian(sigma: float) -> Any:
+    import opendp.prelude as dp
+
+    dp.enable_features("contrib")
+    return dp.m.make_gaussian(
+        dp.vector_domain(dp.atom_domain(T=int)), dp.l2_distance(T=int), scale=sigma
+    )
+
+
+# ---------------------------------------------------------------------- node measurements
+def measure_one_way(codes: np.ndarray, sizes: Sequence[int], sigma: float) -> list[np.ndarray]:
+    """Each column's noisy histogram (on the node: the only place rows are)."""
+    return [discrete_gaussian(histogram(codes, sizes, (j,)), sigma) for j in range(len(sizes))]
+
+
+def pair_scores(
+    codes: np.ndarray, sizes: Sequence[int], shares: Sequence[np.ndarray]
+) -> np.ndarray:
+    """Floored L1 distance, for every pair, between this node's pair counts and its row
+    count times the product of the released one-way ``shares``."""
+    n = len(codes)
+    scores = []
+    for i, j in all_pairs(len(sizes)):
+        counts = histogram(codes, sizes, (i, j)).reshape(sizes[i], sizes[j])
+        expected = n * np.outer(shares[i], shares[j])
+        scores.append(math.floor(float(np.abs(counts - expected).sum())))
+    return np.asarray(scores, dtype=np.int64)
+
+
+def measure_scores(
+    codes: np.ndarray, sizes: Sequence[int], shares: Sequence[np.ndarray], sigma: float
+) -> np.ndarray:
+    return discrete_gaussian(pair_scores(codes, sizes, shares), sigma, SCORE_SENSITIVITY)
+
+
+def measure_two_way(
+    codes: np.ndarray, sizes: Sequence[int], edges: Sequence[tuple[int, int]], sigma: float
+) -> list[np.ndarray]:
+    return [discrete_gaussian(histogram(codes, sizes, edge), sigma) for edge in edges]
+
+
+# ---------------------------------------------------------------------- server side
+def shares_from(one_way: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Released one-way histograms as shares (negative noisy counts clipped)."""
+    out = []
+    for counts in one_way:
+        positive = np.clip(np.asarray(counts, dtype=np.float64), 0, None) + 1e-9
+        out.append(positive / positive.sum())
+    return out
+
+
+def spanning_tree(scores: np.ndarray, n_columns: int) -> list[tuple[int, int]]:
+    """The pairs of the maximum spanning tree of the (noisy) scores, each as (i, j), i < j."""
+    import networkx as nx
+
+    graph = nx.Graph()
+    graph.add_nodes_from(range(n_columns))
+    for (i, j), score in zip(all_pairs(n_columns), np.asarray(scores), strict=True):
+        graph.add_edge(i, j, weight=float(score))
+    tree = nx.maximum_spanning_tree(graph)
+    return sorted((min(i, j), max(i, j)) for i, j in tree.edges())
+
+
+def fit_tree(
+    sizes: Sequence[int],
+    one_way: Sequence[np.ndarray],
+    two_way: Sequence[np.ndarray],
+    edges: Sequence[tuple[int, int]],
+    *,
+    std_one_way: float,
+    std_two_way: float,
+    iterations: int = FIT_ITERATIONS,
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Consistent one- and two-way probabilities of the tree, fitted with mbi to the noisy
+    sums (their noise standard deviations weigh them)."""
+    mbi = _mbi()
+    names = [f"c{j}" for j in range(len(sizes))]
+    domain = mbi.Domain(names, list(sizes))
+    # a zero std (no DP) would divide by zero in the loss weights: any equal value will do
+    one_std, two_std = (max(s, 1.0) for s in (std_one_way, std_two_way))
+    measurements = [
+        mbi.LinearMeasurement(np.asarray(y, dtype=np.float64), (names[j],), one_std)
+        for j, y in enumerate(one_way)
+    ] + [
+        mbi.LinearMeasurement(np.asarray(y, dtype=np.float64), (names[i], names[j]), two_std)
+        for (i, j), y in zip(edges, two_way, strict=True)
+    ]
+    model = mbi.estimation.MirrorDescent().estimate(domain, measurements, iters=iterations)
+    ones = [_probabilities(model.project((names[j],))) for j in range(len(sizes))]
+    pairs = [
+        _probabilities(model.project((names[i], names[j]))).reshape(sizes[i], sizes[j])
+        for i, j in edges
+    ]
+    return ones, pairs
+
+
+def _probabilities(factor: Any) -> np.ndarray:
+    values = np.clip(np.asarray(factor.datavector(flatten=True), dtype=np.float64), 0, None)
+    return values / values.sum() if values.sum() > 0 else np.full(values.shape, 1 / values.size)
+
+
+@functools.cache
+def _mbi() -> Any:
+    """mbi with JAX in float64 (mbi warns that float32 stalls its estimator) and without
+    JAX's persistent compilation cache (mbi's many small programs make it a loss)."""
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    jax.config.update("jax_enable_compilation_cache", False)
+    import mbi
+
+    return mbi
+
+
+# ---------------------------------------------------------------------- the model
+class MarginalModel(SynthModel):
+    """A tree of fitted one- and two-way marginals over the codec's cells.
+
+    Same interface as the GAN and VAE (sampling, conditions, artifact, registry); its
+    "weights" are the fitted probabilities, post-processing of DP measurements.
+    """
+
+    def __init__(
+        self,
+        schema: Schema,
+        codec: Codec,
+        one_way: Sequence[np.ndarray],
+        edges: Sequence[tuple[int, int]],
+        two_way: Sequence[np.ndarray],
+        metadata: dict[str, Any],
+    ) -> None:
+        self.kind = KIND
+        self.schema = schema
+        self.codec = codec
+        self.modules = {}
+        self.metadata = metadata
+        self.sizes = domain_sizes(codec)
+        self.one_way = [np.asarray(p, dtype=np.float64) for p in one_way]
+        self.edges = [(int(i), int(j)) for i, j in edges]
+        self.two_way = [np.asarray(p, dtype=np.float64) for p in two_way]
+        if len(self.one_way) != len(self.sizes) or any(
+            p.shape != (s,) for p, s in zip(self.one_way, self.sizes, strict=True)
+        ):
+            raise ValueError("one-way marginals do not fit the schema's columns")
+        for (i, j), p in zip(self.edges, self.two_way, strict=True):
+            if p.shape != (self.sizes[i], self.sizes[j]):
+                raise ValueError(f"two-way marginal of columns {i} and {j} has shape {p.shape}")
+        self._neighbours: dict[int, list[tuple[int, np.ndarray]]] = {
+            j: [] for j in range(len(self.sizes))
+        }
+        for (i, j), p in zip(self.edges, self.two_way, strict=True):
+            self._neighbours[i].append((j, p))  # p[x_i, x_j]
+            self._neighbours[j].append((i, p.T))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {f"one_way.{j}": torch.from_numpy(p.copy()) for j, p in enumerate(self.one_way)}
+        out.update(
+            {f"two_way.{i}.{j}": torch.from_numpy(p.copy()) for (i, j), p in self._edge_tables()}
+        )
+        return out
+
+    def _edge_tables(self) -> Iterator[tuple[tuple[int, int], np.ndarray]]:
+        return iter(zip(self.edges, self.two_way, strict=True))
+
+    @classmethod
+    def from_tensors(
+        cls, schema: Schema, codec: Codec, tensors: Mapping[str, torch.Tensor], meta: dict
+    ) -> MarginalModel:
+        n = len(codec.columns)
+        edges = [tuple(e) for e in meta["architecture"]["edges"]]
+        try:
+            one_way = [tensors[f"one_way.{j}"].numpy() for j in range(n)]
+            two_way = [tensors[f"two_way.{i}.{j}"].numpy() for i, j in edges]
+        except KeyError as exc:
+            raise ValueError(f"marginal {exc.args[0]} is missing") from None
+        if len(tensors) != n + len(edges):
+            raise ValueError("the weights hold marginals the model does not name")
+        return cls(schema, codec, one_way, edges, two_way, meta)  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------ sampling
+    def iter_samples(
+        self,
+        n: int,
+        seed: int = 0,
+        conditions: Mapping[str, object] | None = None,
+        chunk_size: int = DEFAULT_CHUNK,
+    ) -> Iterator[pd.DataFrame]:
+        """Stream ``n`` rows; equality conditions on categorical/boolean columns are
+        exact (the tree is conditioned on them, not filtered)."""
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        evidence = {
+            self.codec.discrete_positions[j]: level
+            for j, level in (
+                self.codec.condition_level(k, v) for k, v in (conditions or {}).items()
+            )
+        }
+        order, parent, tables = self._conditioned(evidence)
+        rng = np.random.default_rng(int(seed))
+        remaining = n
+        while remaining > 0:
+            size = min(chunk_size, remaining)
+            remaining -= size
+            codes = np.empty((size, len(self.sizes)), dtype=np.int64)
+            for j in order:
+                cdf = tables[j]
+                u = rng.random(size)
+                if parent[j] < 0:
+                    codes[:, j] = np.searchsorted(cdf, u * cdf[-1], side="right")
+                else:
+                    rows = cdf[codes[:, parent[j]]]
+                    codes[:, j] = (rows < (u * rows[:, -1])[:, None]).sum(axis=1)
+                np.minimum(codes[:, j], self.sizes[j] - 1, out=codes[:, j])
+            offsets = rng.uniform(-1.0, 1.0, size=(size, len(self.codec.offset_indices)))
+            yield self.codec.decode(codes, offsets)
+
+    def _conditioned(
+        self, evidence: Mapping[int, int]
+    ) -> tuple[list[int], list[int], dict[int, np.ndarray]]:
+        """A sampling order (a traversal from each tree's root), each column's parent (-1
+        for a root) and its cumulative sampling table given the evidence: a vector for a
+        root, a parent-cell x cell matrix otherwise. Upward messages carry the evidence of
+        each subtree (belief propagation on a tree), so conditioned draws are exact."""
+        p = len(self.sizes)
+        parent = [-2] * p
+        order: list[int] = []
+        for root in [*sorted(evidence), *range(p)]:
+            if parent[root] != -2:
+                continue
+            parent[root] = -1
+            frontier = [root]
+            while frontier:
+                j = frontier.pop()
+                order.append(j)
+                for k, _ in self._neighbours[j]:
+                    if parent[k] == -2:
+                        parent[k] = j
+                        frontier.append(k)
+        likelihood = [np.ones(s) for s in self.sizes]
+        for j, level in evidence.items():
+            likelihood[j] = np.zeros(self.sizes[j])
+            likelihood[j][level] = 1.0
+        conditional: dict[int, np.ndarray] = {}
+        for j in reversed(order):  # children before parents
+            if parent[j] < 0:
+                continue
+            joint = next(t for k, t in self._neighbours[parent[j]] if k == j)  # [x_parent, x_j]
+            given = joint / np.clip(joint.sum(axis=1, keepdims=True), 1e-300, None)
+            conditional[j] = given * likelihood[j][None, :]
+            likelihood[parent[j]] = likelihood[parent[j]] * conditional[j].sum(axis=1)
+        tables: dict[int, np.ndarray] = {}
+        for j in order:
+            weights = self.one_way[j] * likelihood[j] if parent[j] < 0 else conditional[j]
+            if parent[j] < 0 and weights.sum() <= 0:
+                name = self.codec.columns[j].column.name
+                raise ValueError(f"condition on {name!r}: the model gives it no probability")
+            tables[j] = np.cumsum(weights, axis=-1)
+        return order, parent, tables
+
+
+# ---------------------------------------------------------------------- training
+def train_marginals(nodes: Sequence[pd.DataFrame], spec: FederationSpec) -> MarginalModel:
+    """Fit the spec's marginal model to one or more typed frames, each measured as a node
+    would measure its own rows (its own noise), the measurements summed as secure
+    aggregation would sum them. One frame: centralised training."""
+    started = time.perf_counter()
+    if not nodes:
+        raise ValueError("no rows to measure")
+    privacy = spec.privacy
+    codec = Codec(spec.schema, default_bins=spec.model.default_bins)
+    sizes = domain_sizes(codec)
+    codes = [column_codes(codec, frame) for frame in nodes]
+    plan = plan_measurements(len(sizes), privacy.target_epsilon, privacy.delta)
+
+    one_way = _sum(measure_one_way(c, sizes, plan.sigma_one_way) for c in codes)
+    shares = shares_from(one_way)
+    scores = _sum([measure_scores(c, sizes, shares, plan.sigma_scores)] for c in codes)[0]
+    edges = spanning_tree(scores, len(sizes))
+    two_way = _sum(measure_two_way(c, sizes, edges, plan.sigma_two_way) for c in codes)
+    spread = math.sqrt(len(nodes))  # each node adds the full noise
+    ones, pairs = fit_tree(
+        sizes,
+        one_way,
+        two_way,
+        edges,
+        std_one_way=plan.sigma_one_way * spread,
+        std_two_way=plan.sigma_two_way * spread,
+    )
+    history = plan.full_history()
+    epsilon: float | str = epsilon_of(history, privacy.delta, "rdp") if history else "inf"
+    metadata = {
+        "kind": KIND,
+        "federation": {"name": spec.federation.name, "sector": spec.federation.sector},
+        "schema": spec.schema.public_dict(),
+        "codec": {"default_bins": codec.default_bins},
+        "architecture": {"edges": [list(e) for e in edges], "sizes": sizes},
+        "privacy": {
+            "epsilon": epsilon,
+            "delta": privacy.delta if privacy.is_private else 0.0,
+            "target_epsilon": privacy.target_epsilon if privacy.is_private else "inf",
+            "accountant": "rdp",
+            "accountant_history": [[s, q, t] for s, q, t in history],
+            "mechanism": "discrete Gaussian (OpenDP), per node",
+            "sigma": {
+                "one_way": plan.sigma_one_way,
+                "scores": plan.sigma_scores,
+                "two_way": plan.sigma_two_way,
+            },
+            "released": {},
+        },
+        "training": {
+            "rows": int(sum(len(f) for f in nodes)),
+            "nodes": len(nodes),
+            "seed": spec.training.seed,
+            "fit_seconds": round(time.perf_counter() - started, 3),
+        },
+        "versions": _versions(),
+    }
+    return MarginalModel(spec.schema, codec, ones, edges, pairs, metadata)
+
+
+def _sum(per_node: Any) -> list[np.ndarray]:
+    total: list[np.ndarray] | None = None
+    for measured in per_node:
+        total = (
+            list(measured)
+            if total is None
+            else [a + b for a, b in zip(total, measured, strict=True)]
+        )
+    assert total is not None
+    return total
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    from fedsynth.generative.training import library_versions
+
+    return {**library_versions(), "mbi": version("mbi"), "opendp": version("opendp")}

@@ -1,0 +1,245 @@
+"""The marginal model kind: its budget, its noise, its selection, its sampler, its artifact."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+from opacus.accountants import RDPAccountant
+
+from fedsynth.generative import marginals
+from fedsynth.generative.codec import Codec
+from fedsynth.generative.marginals import (
+    SHARES,
+    MarginalModel,
+    all_pairs,
+    column_codes,
+    domain_sizes,
+    pair_scores,
+    plan_measurements,
+    spanning_tree,
+    train_marginals,
+)
+from fedsynth.generative.model import SynthModel
+from fedsynth.generative.schema import Schema
+from fedsynth.generative.spec import SpecError, parse_spec
+from fedsynth.generative.table import validate_table
+from fedsynth.privacy.keys import KeyStore as SigningKeys
+from fedsynth.server.api.app import create_app
+from fedsynth.server.api.keys import KeyStore
+from fedsynth.server.records import Database, database_url
+from fedsynth.server.registry import ModelRegistry
+from tests.factories import small_frame, small_spec, small_spec_dict
+from tests.http import serving
+
+
+def _rdp_epsilon(rho: float, delta: float) -> float:
+    """(epsilon, delta) of rho-zCDP, converted as Opacus' RDP accountant converts (Balle et
+    al. 2020, over its default orders), written out here independently of the module."""
+    orders = np.asarray(RDPAccountant.DEFAULT_ALPHAS, dtype=np.float64)
+    rdp = orders * rho
+    eps = rdp - (np.log(delta) + np.log(orders)) / (orders - 1) + np.log((orders - 1) / orders)
+    return float(np.nanmin(eps))
+
+
+@pytest.mark.parametrize("columns", [2, 7, 19])
+@pytest.mark.parametrize("epsilon", [0.5, 1.0, 3.0])
+def test_the_plan_spends_the_target_and_equals_an_independent_recomputation(columns, epsilon):
+    delta = 1e-5
+    plan = plan_measurements(columns, epsilon, delta)
+    pairs = columns * (columns - 1) // 2
+    # zCDP of each phase from its noise: k mechanisms of sensitivity s cost k s^2 / 2 sigma^2
+    rho = {
+        "one_way": columns / (2 * plan.sigma_one_way**2),
+        "scores": pairs * 4 / (2 * plan.sigma_scores**2),
+        "two_way": (columns - 1) / (2 * plan.sigma_two_way**2),
+    }
+    total = sum(rho.values())
+    for phase, share in SHARES.items():
+        assert rho[phase] == pytest.approx(share * total, rel=1e-9)
+    recomputed = _rdp_epsilon(total, delta)
+    from fedsynth.generative.accounting import epsilon_of
+
+    ledger = epsilon_of(plan.full_history(), delta, "rdp")
+    assert ledger == pytest.approx(recomputed, rel=1e-9)
+    assert 0.995 * epsilon <= ledger <= epsilon
+
+
+def test_opendp_charges_exactly_what_the_ledger_records():
+    for sigma in (0.7, 3.0, 41.5):
+        measurement = marginals._gaussian(sigma)
+        assert measurement.map(1) == pytest.approx(1 / (2 * sigma**2), rel=1e-12)
+        assert measurement.map(2) == pytest.approx(4 / (2 * sigma**2), rel=1e-12)
+
+
+def test_discrete_gaussian_noise_is_integer_centred_and_has_the_planned_spread():
+    sigma, n = 12.0, 40_000
+    noisy = marginals.discrete_gaussian(np.full(n, 100), sigma)
+    assert noisy.dtype == np.int64
+    noise = noisy - 100
+    assert abs(noise.mean()) < 4 * sigma / math.sqrt(n)
+    assert noise.std() == pytest.approx(sigma, rel=0.03)
+    assert (marginals.discrete_gaussian(np.arange(5), 0.0) == np.arange(5)).all()
+
+
+def test_adding_or_removing_a_row_moves_each_pair_score_by_at_most_two():
+    rng = np.random.default_rng(0)
+    sizes = [3, 5, 2, 4]
+    codes = np.column_stack([rng.integers(0, s, 300) for s in sizes])
+    codes[:, 1] = np.where(rng.random(300) < 0.7, codes[:, 0], codes[:, 1])  # a dependence
+    shares = [rng.dirichlet(np.ones(s)) for s in sizes]
+    base = pair_scores(codes, sizes, shares)
+    largest = 0
+    for _ in range(200):
+        row = np.array([[rng.integers(0, s) for s in sizes]])
+        added = pair_scores(np.vstack([codes, row]), sizes, shares)
+        removed = pair_scores(np.delete(codes, rng.integers(0, len(codes)), axis=0), sizes, shares)
+        largest = max(largest, np.abs(added - base).max(), np.abs(removed - base).max())
+    assert 1 <= largest <= marginals.SCORE_SENSITIVITY
+
+
+def test_the_spanning_tree_joins_the_dependent_pairs():
+    rng = np.random.default_rng(1)
+    n, sizes = 4000, [4, 4, 3, 3, 5]
+    codes = np.column_stack([rng.integers(0, s, n) for s in sizes])
+    codes[:, 1] = np.where(rng.random(n) < 0.8, codes[:, 0], codes[:, 1])
+    codes[:, 4] = np.where(rng.random(n) < 0.8, codes[:, 2] + 1, codes[:, 4])
+    counts = [np.bincount(codes[:, j], minlength=s) for j, s in enumerate(sizes)]
+    scores = pair_scores(codes, sizes, marginals.shares_from(counts))
+    edges = spanning_tree(scores, len(sizes))
+    assert len(edges) == len(sizes) - 1 and {(0, 1), (2, 4)} <= set(edges)
+    assert len(all_pairs(len(sizes))) == len(scores)
+
+
+def _chain_model() -> tuple[MarginalModel, np.ndarray]:
+    """A three-column chain a - b - c with known tables, and its joint P[a, b, c]."""
+    schema = Schema(
+        columns=[
+            {"name": "a", "type": "categorical", "categories": ["a0", "a1", "a2"]},
+            {"name": "b", "type": "categorical", "categories": ["b0", "b1"]},
+            {"name": "c", "type": "categorical", "categories": ["c0", "c1", "c2", "c3"]},
+        ]
+    )
+    p_a = np.array([0.5, 0.3, 0.2])
+    p_b_a = np.array([[0.9, 0.1], [0.2, 0.8], [0.5, 0.5]])
+    p_c_b = np.array([[0.7, 0.1, 0.1, 0.1], [0.05, 0.05, 0.3, 0.6]])
+    joint = p_a[:, None, None] * p_b_a[:, :, None] * p_c_b[None, :, :]
+    ab, bc = joint.sum(axis=2), joint.sum(axis=0)
+    ones = [joint.sum(axis=(1, 2)), joint.sum(axis=(0, 2)), joint.sum(axis=(0, 1))]
+    # edges listed out of order on purpose: the sampler must orient them itself
+    model = MarginalModel(schema, Codec(schema), ones, [(1, 2), (0, 1)], [bc, ab], {"privacy": {}})
+    return model, joint
+
+
+@pytest.mark.parametrize(
+    "conditions",
+    [{}, {"c": "c3"}, {"a": "a2", "c": "c0"}, {"b": "b1"}],
+)
+def test_conditioned_samples_follow_the_exact_conditional_of_the_tree(conditions):
+    model, joint = _chain_model()
+    levels = {"a": ["a0", "a1", "a2"], "b": ["b0", "b1"], "c": ["c0", "c1", "c2", "c3"]}
+    mask = np.ones_like(joint)
+    for name, value in conditions.items():
+        axis = "abc".index(name)
+        keep = np.zeros(joint.shape[axis])
+        keep[levels[name].index(value)] = 1
+        mask = mask * keep.reshape([-1 if i == axis else 1 for i in range(3)])
+    exact = joint * mask / (joint * mask).sum()
+    rows = model.sample(60_000, seed=3, conditions=conditions, chunk_size=7_000)
+    for name, value in conditions.items():
+        assert (rows[name].astype(str) == value).all()
+    for axis, name in enumerate("abc"):
+        want = exact.sum(axis=tuple(i for i in range(3) if i != axis))
+        got = rows[name].astype(str).value_counts(normalize=True)
+        got = np.array([got.get(level, 0.0) for level in levels[name]])
+        assert np.abs(got - want).max() < 0.012, (name, got, want)
+
+
+def test_a_condition_the_model_gives_no_probability_is_refused_by_name():
+    model, _ = _chain_model()
+    model.one_way[2] = np.array([0.5, 0.5, 0.0, 0.0])
+    model.two_way[0] = np.array([[0.4, 0.2, 0.0, 0.0], [0.1, 0.3, 0.0, 0.0]])
+    model._neighbours = {0: [], 1: [], 2: []}
+    model = MarginalModel(
+        model.schema, model.codec, model.one_way, model.edges, model.two_way, {"privacy": {}}
+    )
+    with pytest.raises(ValueError, match="'c'.*no probability"):
+        model.sample(5, conditions={"c": "c3"})
+    with pytest.raises(ValueError, match="not a declared category"):
+        model.sample(5, conditions={"c": "c9"})
+
+
+def test_a_marginals_spec_is_accounted_with_rdp():
+    assert small_spec("marginals").privacy.accountant == "rdp"
+    raw = small_spec_dict("marginals")
+    raw["privacy"]["accountant"] = "prv"
+    with pytest.raises(SpecError, match="accountant must be 'rdp'"):
+        parse_spec(raw, source="clinic.toml")
+
+
+@pytest.fixture(scope="module")
+def trained():
+    spec = small_spec("marginals", epsilon=1.0)
+    frame = small_frame(900)
+    nodes = [frame.iloc[:300], frame.iloc[300:700], frame.iloc[700:]]
+    return spec, frame, train_marginals(nodes, spec)
+
+
+def test_a_federated_fit_spends_its_target_and_samples_valid_rows(trained, tmp_path):
+    spec, frame, model = trained
+    assert 0.995 <= model.epsilon <= 1.0
+    assert model.metadata["training"]["nodes"] == 3
+    assert len(model.edges) == len(domain_sizes(model.codec)) - 1
+    rows = model.sample(2000, seed=5)
+    validate_table(rows, Schema(columns=list(spec.schema.modelled)))  # values the schema allows
+    # the fitted model keeps the strong dependence of outcome on age (bad iff age > 60)
+    old = rows["age"].astype(float) > 70
+    assert (rows.loc[old, "outcome"] == "bad").mean() > 0.7
+    assert (rows.loc[rows["age"].astype(float) < 50, "outcome"] == "good").mean() > 0.7
+    codes = column_codes(model.codec, frame)
+    assert codes.shape == (len(frame), len(model.codec.columns))
+
+
+def test_the_artifact_round_trips_and_samples_the_same_rows(trained, tmp_path):
+    _, _, model = trained
+    model.save(tmp_path / "m")
+    loaded = SynthModel.load(tmp_path / "m")
+    assert isinstance(loaded, MarginalModel) and loaded.kind == "marginals"
+    pd.testing.assert_frame_equal(
+        loaded.sample(500, seed=9, conditions={"ward": "rare"}),
+        model.sample(500, seed=9, conditions={"ward": "rare"}),
+    )
+
+
+def test_the_api_serves_a_registered_marginal_model_with_conditions(trained, tmp_path):
+    _, _, model = trained
+    db = Database(database_url(tmp_path))
+    registry = ModelRegistry(tmp_path / "registry", SigningKeys(tmp_path / "keys"), db)
+    version = registry.register(
+        model,
+        federation="clinic",
+        sector="hospital",
+        run_id=None,
+        round=1,
+        node_privacy={"north": {"epsilon": model.epsilon, "delta": 1e-4}},
+        participants=["north"],
+    )
+    token = KeyStore(db).create("analyst")[1]
+    db.dispose()
+    with serving(create_app(tmp_path)) as url:
+        client = httpx.Client(
+            base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60
+        )
+        listed = client.get("/v1/models").json()["models"]
+        response = client.post(
+            f"/v1/models/{version.id}/samples",
+            json={"n": 1500, "seed": 2, "conditions": {"smoker": True}, "format": "ndjson"},
+        )
+    assert [m["kind"] for m in listed if m["id"] == version.id] == ["marginals"]
+    assert response.status_code == 200, response.text
+    rows = [json.loads(line) for line in response.text.splitlines() if line]
+    assert len(rows) == 1500 and {r["smoker"] for r in rows} == {True}
