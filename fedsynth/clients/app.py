@@ -12,6 +12,11 @@ columns dropped), open the node's ledger:
   ``secure_aggregation_mod``);
 - ``evaluate``: scores the global model on the node's rows and releases only noisy scalars.
 
+A ``marginals`` federation (fedsynth.generative.marginals) uses the same handlers: its
+three rounds are measurements instead of DP-SGD steps. ``train`` receives the public state
+(the sums so far), measures its own rows with its own discrete Gaussian noise, records the
+spend and replies with the measurement in the same legacy format, so SecAgg+ sums it.
+
 A round asked again under the same run key (the server's run resumed after a crash, see
 ``fedsynth.server.app``) is not trained again: the node re-sends what it released the
 first time, at no new cost, if it is handed the same global model, and refuses otherwise
@@ -53,7 +58,7 @@ from fedsynth.privacy import protocol
 if TYPE_CHECKING:
     import pandas as pd
 
-    from fedsynth.generative import rounds
+    from fedsynth.generative import marginals, rounds
     from fedsynth.privacy.ledger import BudgetCheck, PrivacyLedger
 
 
@@ -71,7 +76,7 @@ class NodeSession:
     spec: FederationSpec
     rows: pd.DataFrame
     ledger: PrivacyLedger
-    plan: rounds.NodePlan
+    plan: rounds.NodePlan | marginals.NodeRoundPlan
     run: int
     round: int
     run_key: str | None = None  # the server's run across restarts; None: an older server
@@ -159,16 +164,36 @@ def open_session(context: Context, config: dict) -> NodeSession:
     ledger = PrivacyLedger(node.ledger_path)
     run = int(config.get(protocol.RUN, 0))
     key = config.get(protocol.RUN_KEY)
+    server_round = int(config.get(protocol.ROUND, 0))
+    plan: rounds.NodePlan | marginals.NodeRoundPlan
+    if spec.model.kind == "marginals":
+        plan = _marginal_plan(spec, server_round)
+    else:
+        plan = _plan(ledger, spec, text, len(rows), run)
     return NodeSession(
         node,
         spec,
         rows,
         ledger,
-        _plan(ledger, spec, text, len(rows), run),
+        plan,
         run,
-        int(config.get(protocol.ROUND, 0)),
+        server_round,
         None if key is None else check_run_key(key),
     )
+
+
+def _marginal_plan(spec: FederationSpec, server_round: int) -> marginals.NodeRoundPlan:
+    """The same noise on every node, from the spec alone (no row count enters it)."""
+    from fedsynth.generative import marginals
+    from fedsynth.generative.codec import Codec
+
+    if not 1 <= server_round <= len(marginals.PHASES):
+        raise ValueError(
+            f"a marginals federation has rounds 1-{len(marginals.PHASES)}, not {server_round}"
+        )
+    columns = len(Codec(spec.schema, default_bins=spec.model.default_bins).columns)
+    plan = marginals.plan_measurements(columns, spec.privacy.target_epsilon, spec.privacy.delta)
+    return marginals.NodeRoundPlan(plan, server_round)
 
 
 _PLANS: dict[tuple[str, int], rounds.NodePlan] = {}
@@ -242,6 +267,8 @@ def train(message: Message, context: Context) -> Message:
             f"{session.federation}: the spec requires secure aggregation; "
             "this node does not send a plain update"
         )
+    if spec.model.kind == "marginals":
+        return _measure(message, to_arrays(fitins.parameters), session)
     # The global model in get_arrays' layout: its digest is the registry checkpoint's.
     model = rounds.initial_model(spec)
     start = rounds.unpack(to_arrays(fitins.parameters), rounds.layout(model))
@@ -256,14 +283,16 @@ def train(message: Message, context: Context) -> Message:
             f"{session.config.institution}: round {session.round} would reach epsilon "
             f"{check.after:.3f}, above this node's cap {check.cap:g} (spent {check.spent:.3f})"
         )
+    plan = session.plan
+    assert isinstance(plan, rounds.NodePlan)
     rounds.set_arrays(model, start)
     data, levels = rounds.encode(session.rows, spec)
     counts = session.released_counts()
     if counts is None:
-        counts = rounds.release_counts(levels, spec, session.plan, seed=session.seed("counts"))
+        counts = rounds.release_counts(levels, spec, plan, seed=session.seed("counts"))
         # The spend and the counts in one write: counts kept are counts paid for.
         session.spend("release", release, remember={"counts": counts}, what="target counts")
-    run = rounds.train_round(model, data, levels, spec, session.plan, seed=session.seed("train"))
+    run = rounds.train_round(model, data, levels, spec, plan, seed=session.seed("train"))
     arrays = rounds.get_arrays(model)
     arrays[-1] = np.asarray(_shares(counts), dtype=np.float32)  # this node's own release
     largest = max(float(np.abs(a).max()) for a in arrays if a.size)
@@ -290,6 +319,59 @@ def train(message: Message, context: Context) -> Message:
         **stored,
     )
     return _fit_reply(message, session, arrays, sum(counts), epsilon, resent=False)
+
+
+def _measure(message: Message, packed: list[np.ndarray], session: NodeSession) -> Message:
+    """A round of a marginals federation: this node's noisy measurement of its own rows,
+    divided by the public ``secagg_scale`` so that SecAgg+ can sum it, spent before it
+    leaves; re-sent, not measured again, if this run's round asks again."""
+    from fedsynth.generative import marginals, rounds
+    from fedsynth.generative.codec import Codec
+
+    spec, plan = session.spec, session.plan
+    assert isinstance(plan, marginals.NodeRoundPlan)
+    codec = Codec(spec.schema, default_bins=spec.model.default_bins)
+    sizes = marginals.domain_sizes(codec)
+    state = rounds.unpack(packed, marginals.state_layout(sizes))
+    earlier = session.released("train")
+    if earlier is not None:
+        return _resend_update(message, session, earlier, digest(state))
+    check = session.check(plan.round_history())
+    if not check.allowed:
+        session.refuse("train", check)
+        raise BudgetRefused(
+            f"{session.config.institution}: the measurements of rounds {session.round}-"
+            f"{len(marginals.PHASES)} would reach epsilon {check.after:.3f}, above this "
+            f"node's cap {check.cap:g} (spent {check.spent:.3f})"
+        )
+    secagg = spec.secure_aggregation
+    measured = marginals.measure_round(
+        session.round, marginals.column_codes(codec, session.rows), sizes, state, plan.plan
+    )
+    scale = marginals.secagg_scale(secagg.max_weight, secagg.clipping_range)
+    arrays = [np.asarray(m / scale, dtype=np.float32) for m in measured]
+    largest = max(float(np.abs(a).max()) for a in arrays if a.size)
+    if secagg.enabled and largest > secagg.clipping_range:
+        raise ValueError(
+            f"a measurement of {largest * scale:.0f} exceeds what secure aggregation carries "
+            f"(secure_aggregation.max_weight = {secagg.max_weight:g} rows); not sent"
+        )
+    stored: dict[str, Any] = {}
+    if session.run_key is not None:
+        stored["update_sha256"] = session.releases.save(
+            session.federation, session.run_key, session.round, "train", arrays
+        )
+        stored["input_sha256"] = digest(state)
+    # Every node the same weight, so the aggregate is the plain mean (the server knows how
+    # many nodes replied); the weight says nothing about the node's rows.
+    epsilon = session.spend(
+        "train",
+        plan.this_round(),
+        phase=marginals.PHASES[session.round - 1],
+        rows_weight=secagg.max_weight,
+        **stored,
+    )
+    return _fit_reply(message, session, arrays, secagg.max_weight, epsilon, resent=False)
 
 
 def _fit_reply(
@@ -364,6 +446,11 @@ def evaluate(message: Message, context: Context) -> Message:
     evalins = compat.recorddict_to_evaluateins(message.content, keep_input=True)
     session = open_session(context, dict(evalins.config))
     metrics: dict[str, Scalar] = {protocol.INSTITUTION: session.config.institution}
+    plan = session.plan
+    if not isinstance(plan, rounds.NodePlan):  # a marginals federation has no evaluation
+        metrics[protocol.STATUS] = protocol.REFUSE
+        res = EvaluateRes(Status(Code.OK, "no evaluation rounds"), 0.0, 0, metrics)
+        return Message(compat.evaluateres_to_recorddict(res), reply_to=message)
     model = rounds.initial_model(session.spec)
     arrays = rounds.unpack(to_arrays(evalins.parameters), rounds.layout(model))
     model_digest = digest(arrays)  # in get_arrays' layout, as the registry's checkpoints
@@ -385,7 +472,7 @@ def evaluate(message: Message, context: Context) -> Message:
         )
         return Message(compat.evaluateres_to_recorddict(res), reply_to=message)
     counts = session.released_counts()
-    planned = session.plan.evaluation_history(len(rounds.EVALUATION_SCORES))
+    planned = plan.evaluation_history(len(rounds.EVALUATION_SCORES))
     check = session.check(planned)
     if counts is None or not check.allowed:
         # Nothing released yet to bound sensitivity with, or no budget: no scores.
@@ -396,7 +483,7 @@ def evaluate(message: Message, context: Context) -> Message:
         return Message(compat.evaluateres_to_recorddict(res), reply_to=message)
     rounds.set_arrays(model, arrays)
     scores, history = rounds.evaluation_scores(
-        model, session.rows, session.spec, session.plan, counts, seed=session.seed("evaluate")
+        model, session.rows, session.spec, plan, counts, seed=session.seed("evaluate")
     )
     epsilon = session.spend(
         "evaluate",

@@ -446,33 +446,139 @@ class MarginalModel(SynthModel):
         return order, parent, tables
 
 
+# ---------------------------------------------------------------------- federation state
+#: Round r of a marginals federation measures PHASES[r - 1].
+PHASES = ("one_way", "scores", "two_way")
+
+
+def state_layout(sizes: Sequence[int]) -> list[tuple[int, ...]]:
+    """Shapes of the federation's public state: the summed one-way counts (every column's
+    cells in a row), the summed pair scores, and the summed two-way counts (every pair's
+    cells; only the tree's pairs are measured). Round r's aggregate fills slot r - 1."""
+    pairs = all_pairs(len(sizes))
+    return [(sum(sizes),), (len(pairs),), (sum(sizes[i] * sizes[j] for i, j in pairs),)]
+
+
+def initial_state(sizes: Sequence[int]) -> list[np.ndarray]:
+    return [np.zeros(shape, dtype=np.float64) for shape in state_layout(sizes)]
+
+
+def _pair_offsets(sizes: Sequence[int]) -> dict[tuple[int, int], int]:
+    offsets, at = {}, 0
+    for i, j in all_pairs(len(sizes)):
+        offsets[(i, j)] = at
+        at += sizes[i] * sizes[j]
+    return offsets
+
+
+def one_way_of(state: Sequence[np.ndarray], sizes: Sequence[int]) -> list[np.ndarray]:
+    return np.split(np.asarray(state[0], dtype=np.float64), np.cumsum(sizes)[:-1])
+
+
+def edges_of(state: Sequence[np.ndarray], sizes: Sequence[int]) -> list[tuple[int, int]]:
+    """The tree the summed scores select (every node and the server compute the same)."""
+    return spanning_tree(np.asarray(state[1], dtype=np.float64), len(sizes))
+
+
+def two_way_of(
+    state: Sequence[np.ndarray], sizes: Sequence[int], edges: Sequence[tuple[int, int]]
+) -> list[np.ndarray]:
+    offsets, flat = _pair_offsets(sizes), np.asarray(state[2], dtype=np.float64)
+    return [flat[offsets[e] : offsets[e] + sizes[e[0]] * sizes[e[1]]] for e in edges]
+
+
+def measure_round(
+    server_round: int,
+    codes: np.ndarray,
+    sizes: Sequence[int],
+    state: Sequence[np.ndarray],
+    plan: MeasurementPlan,
+) -> list[np.ndarray]:
+    """One node's noisy measurement for ``server_round``, in the state's layout (zeros
+    outside this round's slot), from its own rows and the public state so far."""
+    if not 1 <= server_round <= len(PHASES):
+        raise ValueError(f"a marginals federation has rounds 1-{len(PHASES)}, not {server_round}")
+    out = [np.zeros(shape, dtype=np.float64) for shape in state_layout(sizes)]
+    if server_round == 1:
+        out[0][:] = np.concatenate(measure_one_way(codes, sizes, plan.sigma_one_way))
+    elif server_round == 2:
+        shares = shares_from(one_way_of(state, sizes))
+        out[1][:] = measure_scores(codes, sizes, shares, plan.sigma_scores)
+    else:
+        edges, offsets = edges_of(state, sizes), _pair_offsets(sizes)
+        for edge, counts in zip(
+            edges, measure_two_way(codes, sizes, edges, plan.sigma_two_way), strict=True
+        ):
+            out[2][offsets[edge] : offsets[edge] + counts.size] = counts
+    return out
+
+
+def absorb(
+    state: Sequence[np.ndarray], server_round: int, sums: Sequence[np.ndarray]
+) -> list[np.ndarray]:
+    """The state after ``server_round``: its slot replaced by the nodes' summed measurement."""
+    out = [np.array(a, dtype=np.float64, copy=True) for a in state]
+    out[server_round - 1] = np.asarray(sums[server_round - 1], dtype=np.float64).copy()
+    return out
+
+
+@dataclass(frozen=True)
+class NodeRoundPlan:
+    """What a node of a marginals federation plans at ``round`` (the ClientApp uses it
+    where a GAN or VAE node uses ``rounds.NodePlan``): it checks the budget of every
+    measurement still to come, so it never starts what it could not finish."""
+
+    plan: MeasurementPlan
+    round: int
+    steps_per_round: int = 0
+
+    @property
+    def noise_multiplier(self) -> float:
+        return {1: self.plan.sigma_one_way, 2: self.plan.sigma_scores}.get(
+            self.round, self.plan.sigma_two_way
+        )
+
+    def this_round(self) -> list[tuple[float, float, int]]:
+        return self.plan.history(PHASES[self.round - 1])
+
+    def round_history(self) -> list[tuple[float, float, int]]:
+        return [e for phase in PHASES[self.round - 1 :] for e in self.plan.history(phase)]
+
+    def release_history(self) -> list[tuple[float, float, int]]:
+        return []
+
+
+def secagg_scale(max_weight: float, clipping_range: float) -> float:
+    """Counts and scores are divided by this before secure aggregation, so that a node
+    with up to ``max_weight`` rows stays inside SecAgg+'s clipping range (a score is at
+    most twice the rows; the rest is room for noise)."""
+    return 4.0 * max_weight / clipping_range
+
+
 # ---------------------------------------------------------------------- training
-def train_marginals(nodes: Sequence[pd.DataFrame], spec: FederationSpec) -> MarginalModel:
-    """Fit the spec's marginal model to one or more typed frames, each measured as a node
-    would measure its own rows (its own noise), the measurements summed as secure
-    aggregation would sum them. One frame: centralised training."""
-    started = time.perf_counter()
-    if not nodes:
-        raise ValueError("no rows to measure")
+def model_from_state(
+    spec: FederationSpec,
+    state: Sequence[np.ndarray],
+    nodes_per_round: Sequence[int],
+    *,
+    rows: int | None = None,
+    started: float | None = None,
+) -> MarginalModel:
+    """Fit the model to a finished state; ``nodes_per_round`` says how many nodes' noise
+    each round's sum carries (it weighs the measurements in the fit)."""
+    started = time.perf_counter() if started is None else started
     privacy = spec.privacy
     codec = Codec(spec.schema, default_bins=spec.model.default_bins)
     sizes = domain_sizes(codec)
-    codes = [column_codes(codec, frame) for frame in nodes]
     plan = plan_measurements(len(sizes), privacy.target_epsilon, privacy.delta)
-
-    one_way = _sum(measure_one_way(c, sizes, plan.sigma_one_way) for c in codes)
-    shares = shares_from(one_way)
-    scores = _sum([measure_scores(c, sizes, shares, plan.sigma_scores)] for c in codes)[0]
-    edges = spanning_tree(scores, len(sizes))
-    two_way = _sum(measure_two_way(c, sizes, edges, plan.sigma_two_way) for c in codes)
-    spread = math.sqrt(len(nodes))  # each node adds the full noise
+    edges = edges_of(state, sizes)
     ones, pairs = fit_tree(
         sizes,
-        one_way,
-        two_way,
+        one_way_of(state, sizes),
+        two_way_of(state, sizes, edges),
         edges,
-        std_one_way=plan.sigma_one_way * spread,
-        std_two_way=plan.sigma_two_way * spread,
+        std_one_way=plan.sigma_one_way * math.sqrt(max(nodes_per_round[0], 1)),
+        std_two_way=plan.sigma_two_way * math.sqrt(max(nodes_per_round[2], 1)),
     )
     history = plan.full_history()
     epsilon: float | str = epsilon_of(history, privacy.delta, "rdp") if history else "inf"
@@ -497,8 +603,9 @@ def train_marginals(nodes: Sequence[pd.DataFrame], spec: FederationSpec) -> Marg
             "released": {},
         },
         "training": {
-            "rows": int(sum(len(f) for f in nodes)),
-            "nodes": len(nodes),
+            **({"rows": rows} if rows is not None else {}),
+            "nodes": max(nodes_per_round),
+            "nodes_per_round": list(nodes_per_round),
             "seed": spec.training.seed,
             "fit_seconds": round(time.perf_counter() - started, 3),
         },
@@ -507,16 +614,24 @@ def train_marginals(nodes: Sequence[pd.DataFrame], spec: FederationSpec) -> Marg
     return MarginalModel(spec.schema, codec, ones, edges, pairs, metadata)
 
 
-def _sum(per_node: Any) -> list[np.ndarray]:
-    total: list[np.ndarray] | None = None
-    for measured in per_node:
-        total = (
-            list(measured)
-            if total is None
-            else [a + b for a, b in zip(total, measured, strict=True)]
-        )
-    assert total is not None
-    return total
+def train_marginals(nodes: Sequence[pd.DataFrame], spec: FederationSpec) -> MarginalModel:
+    """Fit the spec's marginal model to one or more typed frames, each measured as a node
+    measures its own rows (its own noise), the measurements summed as secure aggregation
+    sums them: the federation's rounds in one process. One frame: centralised training."""
+    started = time.perf_counter()
+    if not nodes:
+        raise ValueError("no rows to measure")
+    codec = Codec(spec.schema, default_bins=spec.model.default_bins)
+    sizes = domain_sizes(codec)
+    codes = [column_codes(codec, frame) for frame in nodes]
+    plan = plan_measurements(len(sizes), spec.privacy.target_epsilon, spec.privacy.delta)
+    state = initial_state(sizes)
+    for server_round in range(1, len(PHASES) + 1):
+        measured = [measure_round(server_round, c, sizes, state, plan) for c in codes]
+        sums = [np.sum([m[k] for m in measured], axis=0) for k in range(len(state))]
+        state = absorb(state, server_round, sums)
+    rows = int(sum(len(f) for f in nodes))
+    return model_from_state(spec, state, [len(nodes)] * 3, rows=rows, started=started)
 
 
 def _versions() -> dict[str, str]:

@@ -14,6 +14,11 @@ the last round the model is registered, signed and encrypted. A round that fails
 died, secure aggregation halted) is recorded failed with ``round_failed`` in the audit log;
 the model does not advance, the run is marked failed, and the exception propagates.
 
+A ``marginals`` federation runs the same loop for its three measurement rounds
+(``fedsynth.generative.marginals``): the "global arrays" are the public state (the sums
+measured so far), the strategy puts each round's sum into it instead of averaging a model,
+there are no evaluation rounds, and the model is fitted and registered after round 3.
+
 Resuming a run. Flower gives every ``flwr run`` a new run id, and a SuperLink restarted
 after a crash forgets the runs it was executing; so a run that should survive a crash is
 named in the run config (``run-name='bank-2025-q3'``). The name is kept, with a random
@@ -52,6 +57,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common import Scalar, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
@@ -69,7 +75,9 @@ from flwr.serverapp.grid import Grid
 from flwr.superlink.grid.http_grid import HttpGrid
 from sqlalchemy import select
 
-from fedsynth.generative import rounds
+from fedsynth.generative import marginals, rounds
+from fedsynth.generative.codec import Codec
+from fedsynth.generative.model import SynthModel
 from fedsynth.generative.spec import FederationSpec, load_spec
 from fedsynth.home import fedsynth_home
 from fedsynth.privacy import protocol
@@ -178,6 +186,11 @@ class FederationServer:
                 raw["federation"]["rounds"] = settings.rounds
             if settings.steps:
                 raw["training"].update(epochs=None, steps=settings.steps)
+            spec = FederationSpec.model_validate(raw)
+        if spec.model.kind == "marginals" and spec.federation.rounds != len(marginals.PHASES):
+            # its rounds are its three measurements (fedsynth.generative.marginals)
+            raw = spec.model_dump(mode="python")
+            raw["federation"]["rounds"] = len(marginals.PHASES)
             spec = FederationSpec.model_validate(raw)
         self.spec = spec
         self.settings = settings
@@ -335,11 +348,13 @@ class FederationServer:
             self._recover_audit(done, existing)
         if existing is not None:
             return existing  # registered just before a crash: nothing left to do
-        initial = (
-            self.registry.load_checkpoint(spec.federation.name, self.run_id, done)
-            if done
-            else rounds.get_arrays(rounds.initial_model(spec))
-        )
+        is_marginals = spec.model.kind == "marginals"
+        if done:
+            initial = self.registry.load_checkpoint(spec.federation.name, self.run_id, done)
+        elif is_marginals:
+            initial = [a.astype(np.float32) for a in marginals.initial_state(_sizes(spec))]
+        else:
+            initial = rounds.get_arrays(rounds.initial_model(spec))
         message_config: dict[str, Scalar] = {
             protocol.SPEC: spec_json(spec),
             protocol.RUN: self.run_id,
@@ -351,9 +366,10 @@ class FederationServer:
             min_nodes=spec.federation.min_nodes,
             secure=secure,
             message_config=message_config,
-            evaluation_rounds=spec.federation.evaluation_rounds(),
-            server_step=functools.partial(rounds.server_step, spec),
+            evaluation_rounds=[] if is_marginals else spec.federation.evaluation_rounds(),
+            server_step=None if is_marginals else functools.partial(rounds.server_step, spec),
             layout=layout,
+            combine=functools.partial(_absorb_measurements, spec) if is_marginals else None,
         )
         self._restore(strategy, done)
         if done >= spec.federation.rounds:
@@ -718,8 +734,18 @@ class FederationServer:
 
     def _register(self, arrays: list[Any], strategy: FederationStrategy, last_round: int) -> str:
         spec = self.spec
-        model = rounds.initial_model(spec)
-        rounds.set_arrays(model, arrays)
+        model: SynthModel
+        if spec.model.kind == "marginals":
+            measured_by = [len(strategy.rounds[r].fitted) for r in range(1, last_round + 1)]
+            if last_round < len(marginals.PHASES):
+                raise RoundFailed(
+                    f"a marginals model needs all {len(marginals.PHASES)} measurement "
+                    f"rounds; only {last_round} completed"
+                )
+            model = marginals.model_from_state(spec, arrays, measured_by)
+        else:
+            model = rounds.initial_model(spec)
+            rounds.set_arrays(model, arrays)
         # Each node's latest report is its total (the ledger composes all its releases).
         node_privacy: dict[str, dict[str, float]] = {}
         participants: set[str] = set()
@@ -751,7 +777,11 @@ class FederationServer:
                 "secure_aggregation": spec.secure_aggregation.enabled,
             }
         )
-        model.metadata["training"] = {"rounds": last_round, "participants": sorted(participants)}
+        model.metadata["training"] = {
+            **model.metadata.get("training", {}),  # a marginals fit's own figures
+            "rounds": last_round,
+            "participants": sorted(participants),
+        }
         mean_quality = {
             name: sum(q[name] for q in quality.values() if name in q)
             / max(1, sum(name in q for q in quality.values()))
@@ -782,6 +812,25 @@ class FederationServer:
             },
         )
         return str(version.id)
+
+
+def _sizes(spec: FederationSpec) -> list[int]:
+    return marginals.domain_sizes(Codec(spec.schema, default_bins=spec.model.default_bins))
+
+
+def _absorb_measurements(
+    spec: FederationSpec,
+    server_round: int,
+    current: list[np.ndarray],
+    mean: list[np.ndarray],
+    nodes: int,
+) -> list[np.ndarray]:
+    """A marginals round's aggregate: the nodes' mean (all weigh the same) times their
+    number and the public scale they divided by is the sum of their measurements."""
+    secagg = spec.secure_aggregation
+    scale = marginals.secagg_scale(secagg.max_weight, secagg.clipping_range)
+    sums = [np.asarray(a, dtype=np.float64) * nodes * scale for a in mean]
+    return [a.astype(np.float32) for a in marginals.absorb(current, server_round, sums)]
 
 
 def _run_config(run: Run) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from flwr.common import (
     EvaluateIns,
     FitIns,
@@ -31,6 +32,8 @@ from flwr.server.strategy import FedAvg
 from fedsynth.generative import rounds
 from fedsynth.privacy import protocol
 from fedsynth.server.secagg import RoundFailed
+
+Combine = Callable[[int, list[np.ndarray], list[np.ndarray], int], list[np.ndarray]]
 
 
 @dataclass
@@ -53,6 +56,7 @@ class FederationStrategy(FedAvg):
         evaluation_rounds: list[int] | None = None,
         server_step: Callable[[list[tuple[float, int]]], float] | None = None,
         layout: list[tuple[int, ...]] | None = None,
+        combine: Combine | None = None,
     ) -> None:
         super().__init__(
             fraction_fit=1.0,
@@ -76,6 +80,9 @@ class FederationStrategy(FedAvg):
         # The arrays' shapes inside the packed vector messages carry (rounds.pack); the
         # server step treats the last one, the target shares, apart.
         self.layout = layout
+        # Instead of FedAvg's result: (round, current arrays, mean of the nodes' arrays,
+        # number of nodes) -> the next global arrays (a marginals federation's state).
+        self.combine = combine
 
     def _config(self, server_round: int) -> dict[str, Scalar]:
         return {**self.message_config, protocol.ROUND: server_round}
@@ -119,7 +126,16 @@ class FederationStrategy(FedAvg):
             if averaged is None:
                 raise RoundFailed(f"round {server_round}: FedAvg produced no aggregate")
             aggregate = averaged
-        if self.server_step is not None:
+        if self.combine is not None:
+            if self.layout is None:
+                raise ValueError("combining needs the arrays' layout")
+            current, average = (
+                rounds.unpack(parameters_to_ndarrays(p), self.layout)
+                for p in (self.current, aggregate)
+            )
+            combined = self.combine(server_round, current, average, len(results))
+            aggregate = ndarrays_to_parameters(rounds.pack(combined))
+        elif self.server_step is not None:
             factor = self.server_step(
                 [
                     (float(res.num_examples), int(res.metrics.get(protocol.STEPS, 0)))
