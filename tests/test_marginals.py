@@ -29,12 +29,11 @@ from fedsynth.generative.schema import Schema
 from fedsynth.generative.spec import SpecError, parse_spec
 from fedsynth.generative.table import validate_table
 from fedsynth.privacy.keys import KeyStore as SigningKeys
-from fedsynth.server.api.app import create_app
 from fedsynth.server.api.keys import KeyStore
 from fedsynth.server.records import Database, database_url
 from fedsynth.server.registry import ModelRegistry
+from tests.dashboard_server import csrf_field, dashboards
 from tests.factories import small_frame, small_spec, small_spec_dict
-from tests.http import serving
 
 
 def _rdp_epsilon(rho: float, delta: float) -> float:
@@ -230,7 +229,7 @@ def test_the_api_serves_a_registered_marginal_model_with_conditions(trained, tmp
     )
     token = KeyStore(db).create("analyst")[1]
     db.dispose()
-    with serving(create_app(tmp_path)) as url:
+    with dashboards(tmp_path) as url:
         client = httpx.Client(
             base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60
         )
@@ -239,6 +238,13 @@ def test_the_api_serves_a_registered_marginal_model_with_conditions(trained, tmp
             f"/v1/models/{version.id}/samples",
             json={"n": 1500, "seed": 2, "conditions": {"smoker": True}, "format": "ndjson"},
         )
+        browser = httpx.Client(base_url=url, timeout=60)
+        form = browser.get("/dashboards/login")
+        browser.post(
+            "/dashboards/login", data={"api_key": token, "csrf_token": csrf_field(form.text)}
+        )
+        page = browser.get(f"/dashboards/analyst/models/{version.id}")
+    assert page.status_code == 200 and "<dd>MARGINALS</dd>" in page.text
     assert [m["kind"] for m in listed if m["id"] == version.id] == ["marginals"]
     assert response.status_code == 200, response.text
     rows = [json.loads(line) for line in response.text.splitlines() if line]
