@@ -340,13 +340,9 @@ class MarginalModel(SynthModel):
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {f"one_way.{j}": torch.from_numpy(p.copy()) for j, p in enumerate(self.one_way)}
-        out.update(
-            {f"two_way.{i}.{j}": torch.from_numpy(p.copy()) for (i, j), p in self._edge_tables()}
-        )
+        for (i, j), p in zip(self.edges, self.two_way, strict=True):
+            out[f"two_way.{i}.{j}"] = torch.from_numpy(p.copy())
         return out
-
-    def _edge_tables(self) -> Iterator[tuple[tuple[int, int], np.ndarray]]:
-        return iter(zip(self.edges, self.two_way, strict=True))
 
     @classmethod
     def from_tensors(
