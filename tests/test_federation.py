@@ -77,9 +77,9 @@ def make_canary_mod(log: Path):
     return canary_mod
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    home = tmp_path_factory.mktemp("home")
+def bank_nodes(home: Path, last_cap: float) -> Path:
+    """The bank table dealt to four nodes (cap 2.0; the last one ``last_cap``), node 0's
+    first row replaced by the canary."""
     tables = prepare_demo_tables(home / "data", names=("bank",))
     parts = dirichlet_split(read_table(tables["bank"]), "default", 4, seed=1)
     canary_row = parts[0].iloc[[0]].copy()
@@ -87,13 +87,16 @@ def run(tmp_path_factory):
     parts[0] = pd.concat([canary_row, parts[0].iloc[1:]], ignore_index=True)
     nodes = home / "nodes"
     write_nodes("bank", parts, nodes, epsilon_cap=2.0)
-    capped = (
-        (nodes / "node-3" / "node.toml")
-        .read_text()
-        .replace("epsilon-cap = 2.0", "epsilon-cap = 0.05")
-    )
-    (nodes / "node-3" / "node.toml").write_text(capped)
+    config = nodes / "node-3" / "node.toml"
+    config.write_text(config.read_text().replace("epsilon-cap = 2.0", f"epsilon-cap = {last_cap}"))
     assert str(CANARY["balance"]) in (nodes / "node-0" / "data.csv").read_text()
+    return nodes
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    home = tmp_path_factory.mktemp("home")
+    nodes = bank_nodes(home, last_cap=0.05)
     canary_log = home / "canary.jsonl"
     outcome = simulate(
         FEDERATIONS / "bank.toml",

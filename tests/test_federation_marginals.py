@@ -10,26 +10,22 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pandas as pd
 import pytest
 from sqlalchemy import select
 
 from fedsynth.clients.replay import ReleaseStore
-from fedsynth.demo.data import prepare_demo_tables
-from fedsynth.demo.nodes import dirichlet_split, write_nodes
 from fedsynth.demo.simulate import simulate
 from fedsynth.generative import marginals
 from fedsynth.generative.accounting import epsilon_of
 from fedsynth.generative.codec import Codec
 from fedsynth.generative.spec import load_spec
-from fedsynth.generative.table import read_table
 from fedsynth.privacy.keys import KeyStore
 from fedsynth.privacy.ledger import PrivacyLedger
 from fedsynth.server.audit import AuditLog
 from fedsynth.server.records import Database, Participation, Run, database_url
 from fedsynth.server.registry import ModelRegistry
 from tests.factories import FEDERATIONS
-from tests.test_federation import CANARY, make_canary_mod
+from tests.test_federation import bank_nodes, make_canary_mod
 
 
 @pytest.fixture(scope="module")
@@ -39,15 +35,7 @@ def run(tmp_path_factory):
     text = (FEDERATIONS / "bank.toml").read_text()
     assert 'kind = "gan"' in text
     spec_path.write_text(text.replace('kind = "gan"', 'kind = "marginals"'))
-    tables = prepare_demo_tables(home / "data", names=("bank",))
-    parts = dirichlet_split(read_table(tables["bank"]), "default", 4, seed=1)
-    canary_row = parts[0].iloc[[0]].copy()
-    canary_row["balance"], canary_row["income"] = str(CANARY["balance"]), str(CANARY["income"])
-    parts[0] = pd.concat([canary_row, parts[0].iloc[1:]], ignore_index=True)
-    nodes = home / "nodes"
-    write_nodes("bank", parts, nodes, epsilon_cap=2.0)
-    node_3 = nodes / "node-3" / "node.toml"
-    node_3.write_text(node_3.read_text().replace("epsilon-cap = 2.0", "epsilon-cap = 0.5"))
+    nodes = bank_nodes(home, last_cap=0.5)
     canary_log = home / "canary.jsonl"
     outcome = simulate(spec_path, nodes, 4, home, extra_mods=[make_canary_mod(canary_log)])
     db = Database(database_url(home))

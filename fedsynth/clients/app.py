@@ -302,15 +302,7 @@ def train(message: Message, context: Context) -> Message:
             f"a weight of {largest:.3g} lies outside secure_aggregation.clipping_range "
             f"{limit:g}; SecAgg+ would clip it silently, so this update is not sent"
         )
-    # Stored, then written to the ledger, before the update leaves: a node killed after
-    # the spend may have sent it, so the ledger counts it, and a retry re-sends these
-    # bytes; killed before, the stored file is never sent and the next try overwrites it.
-    stored: dict[str, Any] = {}
-    if session.run_key is not None:
-        stored["update_sha256"] = session.releases.save(
-            session.federation, session.run_key, session.round, "train", arrays
-        )
-        stored["input_sha256"] = digest(start)
+    stored = _store_release(session, arrays, digest(start))
     epsilon = session.spend(
         "train",
         run.history,
@@ -319,6 +311,19 @@ def train(message: Message, context: Context) -> Message:
         **stored,
     )
     return _fit_reply(message, session, arrays, sum(counts), epsilon, resent=False)
+
+
+def _store_release(session: NodeSession, arrays: list[np.ndarray], start: str) -> dict[str, Any]:
+    """Keep the reply's arrays, before the spend is written and the reply leaves: a node
+    killed after the spend may have sent them, so the ledger counts them, and a retry
+    re-sends these bytes; killed before, the stored file is never sent and the next try
+    overwrites it. Returns the digests the ledger entry records (none without a run key)."""
+    if session.run_key is None:
+        return {}
+    saved = session.releases.save(
+        session.federation, session.run_key, session.round, "train", arrays
+    )
+    return {"update_sha256": saved, "input_sha256": start}
 
 
 def _measure(message: Message, packed: list[np.ndarray], session: NodeSession) -> Message:
@@ -356,12 +361,7 @@ def _measure(message: Message, packed: list[np.ndarray], session: NodeSession) -
             f"a measurement of {largest * scale:.0f} exceeds what secure aggregation carries "
             f"(secure_aggregation.max_weight = {secagg.max_weight:g} rows); not sent"
         )
-    stored: dict[str, Any] = {}
-    if session.run_key is not None:
-        stored["update_sha256"] = session.releases.save(
-            session.federation, session.run_key, session.round, "train", arrays
-        )
-        stored["input_sha256"] = digest(state)
+    stored = _store_release(session, arrays, digest(state))
     # Every node the same weight, so the aggregate is the plain mean (the server knows how
     # many nodes replied); the weight says nothing about the node's rows.
     epsilon = session.spend(

@@ -52,7 +52,7 @@ import torch
 
 from fedsynth.generative.accounting import epsilon_of
 from fedsynth.generative.codec import Codec
-from fedsynth.generative.model import DEFAULT_CHUNK, SynthModel
+from fedsynth.generative.model import DEFAULT_CHUNK, SynthModel, check_sample_size
 from fedsynth.generative.schema import Schema
 from fedsynth.generative.spec import FederationSpec
 
@@ -369,10 +369,7 @@ class MarginalModel(SynthModel):
     ) -> Iterator[pd.DataFrame]:
         """Stream ``n`` rows; equality conditions on categorical/boolean columns are
         exact (the tree is conditioned on them, not filtered)."""
-        if n < 0:
-            raise ValueError(f"n must be >= 0, got {n}")
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        check_sample_size(n, chunk_size)
         evidence = {
             self.codec.discrete_positions[j]: level
             for j, level in (

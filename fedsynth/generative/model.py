@@ -113,10 +113,7 @@ class SynthModel:
         its conditional vector and are then enforced on the output, so every row matches
         and rare categories cost no more than common ones (no rejection sampling).
         """
-        if n < 0:
-            raise ValueError(f"n must be >= 0, got {n}")
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        check_sample_size(n, chunk_size)
         forced = [self.codec.condition_level(k, v) for k, v in (conditions or {}).items()]
         cond_row = self.codec.condition_vector(conditions, 1)
         marginal = self._target_marginal(conditions or {})
@@ -239,6 +236,13 @@ class SynthModel:
                     f"{weights_path}: weights do not fit the model ({exc})"
                 ) from None
         return cls(meta["kind"], schema, codec, modules, meta)
+
+
+def check_sample_size(n: int, chunk_size: int) -> None:
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
 
 
 def _sha256(data: bytes) -> str:
