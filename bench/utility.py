@@ -6,9 +6,14 @@ scored by the same code (fedsynth.generative.quality): QualityReport-equivalent 
 TSTR vs TRTR ROC AUC on the 20%, and median distance to closest record.
 
 Ours: fedsynth-gan and fedsynth-vae at epsilon 1, 3 and inf (model sizes and training from
-the table's spec, kind overridden). Baselines (run in their own venv, bench/baselines/,
-because of their licences and pinned Opacus): sdv-ctgan and sdv-tvae (non-private),
-smartnoise-dpctgan and smartnoise-aim at epsilon 1 and 3, all with our delta.
+the table's spec, kind overridden); fedsynth-marginals (fedsynth.generative.marginals) at
+epsilon 1 and 3, centralised and over 3 nodes (``-3nodes``: the 80% split non-IID by a
+Dirichlet(1) split of the target, each node measuring its own rows with its own noise, the
+noisy measurements summed in process as secure aggregation sums them; numeric columns in
+AIM's 20 bins). Baselines (run in
+their own venv, bench/baselines/, because of their licences and pinned Opacus): sdv-ctgan
+and sdv-tvae (non-private), smartnoise-dpctgan and smartnoise-aim at epsilon 1 and 3, all
+with our delta.
 
 Prints one JSON line per (dataset, method, epsilon), writes them to
 bench/results/utility.jsonl and the table in docs/benchmarks.md. Also measures, in the
@@ -24,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,7 +40,9 @@ from pathlib import Path
 import torch
 
 from fedsynth.demo.data import prepare_demo_tables, split_holdout
+from fedsynth.demo.nodes import dirichlet_split
 from fedsynth.generative import quality
+from fedsynth.generative.marginals import train_marginals
 from fedsynth.generative.model import SynthModel
 from fedsynth.generative.schema import Schema
 from fedsynth.generative.spec import FederationSpec, load_spec, parse_spec
@@ -48,12 +56,14 @@ DOC = REPO / "docs" / "benchmarks.md"
 BASELINE_VENV = REPO / "bench" / ".venv-baselines"
 DATASETS = ("bank", "loans", "hospital", "retail")
 OURS = ("fedsynth-gan", "fedsynth-vae")
+MARGINALS = ("fedsynth-marginals", "fedsynth-marginals-3nodes")
 BASELINES = {
     "sdv-ctgan": ("inf",),
     "sdv-tvae": ("inf",),
     "smartnoise-dpctgan": (1.0, 3.0),
     "smartnoise-aim": (1.0, 3.0),
 }
+AIM_BINS = 20  # run_baseline.py's --bins default
 SAMPLE_ROWS_FOR_SPEED = 200_000  # every method: one timed draw, 2 torch threads, after warm-up
 METRICS = (
     "quality",
@@ -72,7 +82,13 @@ KIND_LEARNING_RATES = {"gan": (5e-4, 5e-4), "vae": (2e-3, 2e-3)}
 
 def spec_for(dataset: str, kind: str, epsilon: float) -> FederationSpec:
     raw = load_spec(REPO / "federations" / f"{dataset}.toml").model_dump(mode="python")
-    if raw["model"]["kind"] != kind:
+    if kind == "marginals":
+        raw["model"]["kind"], raw["privacy"]["accountant"] = kind, "rdp"
+        # The same cut of numeric columns as the AIM baseline (run_baseline.py --bins,
+        # 20 equal-width bins of the declared range), so that the two marginal methods
+        # compare on one discretisation; columns that declare their own bins keep them.
+        raw["model"]["default_bins"] = AIM_BINS
+    elif raw["model"]["kind"] != kind:
         raw["model"]["kind"] = kind
         raw["training"]["generator_lr"], raw["training"]["critic_lr"] = KIND_LEARNING_RATES[kind]
     raw["privacy"]["target_epsilon"] = epsilon
@@ -108,6 +124,25 @@ def run_ours(dataset: str, method: str, epsilon: float, tables: dict) -> dict:
         "sample_rows_per_s": sampling_speed(model),
         "train_rows_per_s": steps * batch / model.metadata["training"]["loop_seconds"],
         "epsilon_spent": model.metadata["privacy"]["epsilon"],
+    }
+
+
+def run_marginals(dataset: str, method: str, epsilon: float, tables: dict) -> dict:
+    spec = spec_for(dataset, "marginals", epsilon)
+    train_rows, holdout = (validate_table(t, spec.schema) for t in tables[dataset])
+    nodes = [train_rows]
+    if method.endswith("-3nodes"):
+        assert spec.schema.target is not None
+        nodes = dirichlet_split(train_rows, spec.schema.target.name, 3, alpha=1.0, seed=0)
+    model = train_marginals(nodes, spec)
+    synthetic = model.sample(len(train_rows), seed=1)
+    scores = quality.evaluate(train_rows, holdout, synthetic, spec.schema)
+    return {
+        **scores,
+        "fit_s": model.metadata["training"]["fit_seconds"],
+        "sample_rows_per_s": sampling_speed(model),
+        "epsilon_spent": model.metadata["privacy"]["epsilon"],
+        "nodes": len(nodes),
     }
 
 
@@ -174,6 +209,22 @@ def run_baseline(dataset: str, method: str, epsilon: float | str, tables: dict) 
     return {**scores, "fit_s": timing["fit_s"], "sample_rows_per_s": timing["speed_rows_per_s"]}
 
 
+def mean_of(runs: list[dict]) -> dict:
+    """One run as it is; several (``--repeats``): each number's mean, plus the runs'
+    count and the standard deviation of their quality (DP noise differs between runs)."""
+    if len(runs) == 1:
+        return runs[0]
+    out = dict(runs[0])
+    for key, value in runs[0].items():
+        values = [r.get(key) for r in runs]
+        if isinstance(value, int | float) and all(isinstance(v, int | float) for v in values):
+            out[key] = statistics.fmean(values)  # type: ignore[arg-type]
+    out["runs"] = len(runs)
+    out["quality_sd"] = statistics.stdev(r["quality"] for r in runs)
+    out["quality_runs"] = [r["quality"] for r in runs]
+    return out
+
+
 def write_doc(rows: list[dict]) -> None:
     def fmt(v: object) -> str:
         if v is None:
@@ -207,7 +258,7 @@ def main() -> None:
         "--methods",
         nargs="*",
         default=None,
-        choices=(*OURS, *BASELINES),
+        choices=(*OURS, *MARGINALS, *BASELINES),
         help="run only these methods; their rows replace the same rows in the results",
     )
     parser.add_argument(
@@ -217,7 +268,15 @@ def main() -> None:
         choices=("1", "3", "inf"),
         help="run only these privacy budgets (a long baseline can be run one budget at a time)",
     )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="run each job this many times; the row holds the means (and quality's sd)",
+    )
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
     warnings.filterwarnings("ignore")
     datasets = ("bank",) if args.quick else tuple(args.datasets or DATASETS)
     with_baselines = not (args.quick or args.no_baselines)
@@ -231,6 +290,7 @@ def main() -> None:
     partial.write_text("")
     for dataset in datasets:
         jobs = [(m, e) for m in OURS for e in (1.0, 3.0, math.inf)]
+        jobs += [(m, e) for m in MARGINALS for e in (1.0, 3.0)]
         if with_baselines:
             jobs += [(m, e) for m, eps in BASELINES.items() for e in eps]
         if args.methods:
@@ -241,13 +301,19 @@ def main() -> None:
         for method, epsilon in jobs:
             eps_label = "inf" if epsilon in (math.inf, "inf") else float(epsilon)
             started = time.perf_counter()
-            try:
-                if method in OURS:
-                    result = run_ours(dataset, method, float(epsilon), tables)
-                else:
-                    result = run_baseline(dataset, method, epsilon, tables)
-            except Exception as exc:  # one failed method must not lose the others' rows
-                result = {"error": f"{type(exc).__name__}: {exc}"}
+            runs = []
+            for _ in range(args.repeats):
+                try:
+                    if method in OURS:
+                        runs.append(run_ours(dataset, method, float(epsilon), tables))
+                    elif method in MARGINALS:
+                        runs.append(run_marginals(dataset, method, float(epsilon), tables))
+                    else:
+                        runs.append(run_baseline(dataset, method, epsilon, tables))
+                except Exception as exc:  # one failed method must not lose the others' rows
+                    runs = [{"error": f"{type(exc).__name__}: {exc}"}]
+                    break
+            result = mean_of(runs)
             row = {
                 "dataset": dataset,
                 "method": method,
@@ -284,7 +350,7 @@ def main() -> None:
     def key(r: dict) -> tuple:
         return r["dataset"], r["method"], str(r["epsilon"])
 
-    order = [*OURS, *BASELINES]
+    order = [*OURS, *MARGINALS, *BASELINES]
     kept = []
     if RESULTS.exists():
         ran = {key(r) for r in rows}
