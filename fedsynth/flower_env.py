@@ -26,4 +26,7 @@ SIMULATION_ENV: dict[str, str] = {
     "RAY_DEDUP_LOGS": "0",
     # Ray would otherwise send usage statistics to Anyscale.
     "RAY_USAGE_STATS_ENABLED": "0",
+    # Ray's coming default (it leaves CUDA_VISIBLE_DEVICES alone for actors that ask for no
+    # GPU, as fedsynth's virtual nodes do); without it Ray prints a FutureWarning per run.
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
 }

@@ -34,6 +34,7 @@ those processes start without them (about 5 s of imports each, measured on this 
 from __future__ import annotations
 
 import json
+import logging
 import zlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -54,6 +55,12 @@ from fedsynth.clients.outbox import outbox_mod
 from fedsynth.clients.replay import ReleaseStore, ReplayError, check_run_key, digest
 from fedsynth.generative.spec import FederationSpec, parse_spec
 from fedsynth.privacy import protocol
+
+# Opacus calls logging.basicConfig when imported, which gives the root logger a handler
+# with no level; Flower's logger, which has its own console handler, propagates to it, so
+# every DEBUG record of the SecAgg+ mod was printed again, unfiltered (hundreds of lines
+# per demo run). Flower's own handler still prints what its level lets through.
+logging.getLogger("flwr").propagate = False
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Iterable, Sequence
 
+import numpy as np
 from opacus.accountants import create_accountant
 
 History = list[tuple[float, float, int]]
@@ -43,7 +45,14 @@ def _epsilon(history: tuple[tuple[float, float, int], ...], delta: float, accoun
         return 0.0
     acc = create_accountant(mechanism=accountant)
     acc.history = list(history)
-    return float(acc.get_epsilon(delta=delta))
+    # Two notices that are expected here, silenced at the source so that every process
+    # (Flower's node actors too) stays quiet: PRV takes log(1 - q), which numpy evaluates
+    # for q = 1 (a histogram release) in the branch np.where then discards; and RDP says
+    # its largest order was optimal for small budgets, where the bound is then looser, not
+    # unsafe.
+    with warnings.catch_warnings(), np.errstate(divide="ignore"):
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        return float(acc.get_epsilon(delta=delta))
 
 
 def calibrate_noise(

@@ -35,6 +35,7 @@ from fedsynth.generative.training import (
     StepsRun,
     architecture,
     check_rows,
+    known_notices,
     library_versions,
     run_steps,
 )
@@ -322,17 +323,18 @@ def train_round(
     try:
         for module in model.modules.values():
             module.train()
-        run = run_steps(
-            model.modules,
-            model.codec,
-            data,
-            levels,
-            spec,
-            noise=plan.noise_multiplier,
-            sample_rate=plan.sample_rate,
-            steps=plan.steps_per_round,
-            target=model.codec.discrete_index(target) if target else None,
-        )
+        with known_notices():
+            run = run_steps(
+                model.modules,
+                model.codec,
+                data,
+                levels,
+                spec,
+                noise=plan.noise_multiplier,
+                sample_rate=plan.sample_rate,
+                steps=plan.steps_per_round,
+                target=model.codec.discrete_index(target) if target else None,
+            )
     finally:
         torch.set_num_threads(threads)
         for module in model.modules.values():
