@@ -206,12 +206,15 @@ def deploy_and_run(
     poll_s: float | None = None,
     rounds: int = ROUNDS,
     superlink_in_memory: bool = False,
+    spec: str = "bank",
 ) -> dict:
     """Certificates, SuperLink, three nodes and an intruder, one ``flwr run`` of
     ``rounds`` rounds; every process stopped before returning what the tests (and
     bench/deployment.py) read. ``warm``: the nodes' fork-server executor (``node-join
     --warm``), else Flower's; ``poll_s``: ``node-join --poll-s`` (None: its default);
-    ``superlink_in_memory``: the SuperLink's state in memory, not in a SQLite file."""
+    ``superlink_in_memory``: the SuperLink's state in memory, not in a SQLite file;
+    ``spec``: the run config's spec (a name under federations/ or a file) of the bank
+    table."""
     marker = f"{MARKER}={uuid.uuid4().hex}"
     base = {**os.environ, marker.split("=")[0]: marker.split("=")[1]}
     certs = create_server_certificates(root / "certs")
@@ -277,7 +280,7 @@ def deploy_and_run(
                 "--format",
                 "json",
                 "--run-config",
-                f"spec='bank' home='{home}' rounds={rounds} steps={STEPS * rounds} "
+                f"spec='{spec}' home='{home}' rounds={rounds} steps={STEPS * rounds} "
                 "wait-nodes-s=600",
             ],
             cli_env,
