@@ -192,13 +192,13 @@ def open_session(context: Context, config: dict) -> NodeSession:
 def _marginal_plan(spec: FederationSpec, server_round: int) -> marginals.NodeRoundPlan:
     """The same noise on every node, from the spec alone (no row count enters it)."""
     from fedsynth.generative import marginals
-    from fedsynth.generative.codec import Codec
+    from fedsynth.generative.codec import codec_of
 
     if not 1 <= server_round <= len(marginals.PHASES):
         raise ValueError(
             f"a marginals federation has rounds 1-{len(marginals.PHASES)}, not {server_round}"
         )
-    columns = len(Codec(spec.schema, default_bins=spec.model.default_bins).columns)
+    columns = len(codec_of(spec).columns)
     plan = marginals.plan_measurements(columns, spec.privacy.target_epsilon, spec.privacy.delta)
     return marginals.NodeRoundPlan(plan, server_round)
 
@@ -338,11 +338,11 @@ def _measure(message: Message, packed: list[np.ndarray], session: NodeSession) -
     divided by the public ``secagg_scale`` so that SecAgg+ can sum it, spent before it
     leaves; re-sent, not measured again, if this run's round asks again."""
     from fedsynth.generative import marginals, rounds
-    from fedsynth.generative.codec import Codec
+    from fedsynth.generative.codec import codec_of
 
     spec, plan = session.spec, session.plan
     assert isinstance(plan, marginals.NodeRoundPlan)
-    codec = Codec(spec.schema, default_bins=spec.model.default_bins)
+    codec = codec_of(spec)
     sizes = marginals.domain_sizes(codec)
     state = rounds.unpack(packed, marginals.state_layout(sizes))
     earlier = session.released("train")

@@ -21,12 +21,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import torch
 
 from fedsynth.generative.schema import Column, ColumnType, Schema
+
+if TYPE_CHECKING:
+    from fedsynth.generative.spec import FederationSpec
 
 _NS_PER_S = 1_000_000_000
 
@@ -284,6 +288,11 @@ class Codec:
                 f"conditioned on ({known})"
             )
         raise ValueError(f"condition on unknown column {name!r} (conditionable: {known})")
+
+
+def codec_of(spec: FederationSpec) -> Codec:
+    """The codec a federation spec declares: its schema, cut with its model's bins."""
+    return Codec(spec.schema, default_bins=spec.model.default_bins)
 
 
 def _normalise_level(value: object, column: Column) -> str:

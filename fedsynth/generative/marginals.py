@@ -50,7 +50,7 @@ import pandas as pd
 import torch
 
 from fedsynth.generative.accounting import epsilon_of
-from fedsynth.generative.codec import Codec
+from fedsynth.generative.codec import Codec, codec_of
 from fedsynth.generative.model import DEFAULT_CHUNK, SynthModel, check_sample_size
 from fedsynth.generative.schema import Schema
 from fedsynth.generative.spec import FederationSpec
@@ -59,6 +59,8 @@ KIND = "marginals"
 #: Shares of the zCDP budget (rho) of the three measurements. MST splits evenly; the
 #: two-way histograms are what the model is made of, so they get most of it here.
 SHARES = {"one_way": 0.1, "scores": 0.1, "two_way": 0.8}
+#: Round r of a marginals federation measures PHASES[r - 1].
+PHASES = tuple(SHARES)
 #: Sensitivity of one pair's score to adding or removing a row (see the module docstring).
 SCORE_SENSITIVITY = 2
 #: Mirror-descent iterations of the fit.
@@ -125,7 +127,16 @@ class MeasurementPlan:
         raise ValueError(f"unknown measurement phase {phase!r}")
 
     def full_history(self) -> list[tuple[float, float, int]]:
-        return [e for phase in SHARES for e in self.history(phase)]
+        return [e for phase in PHASES for e in self.history(phase)]
+
+    @property
+    def sigmas(self) -> dict[str, float]:
+        """Each phase's noise, by phase name."""
+        return {
+            "one_way": self.sigma_one_way,
+            "scores": self.sigma_scores,
+            "two_way": self.sigma_two_way,
+        }
 
 
 def plan_measurements(n_columns: int, epsilon: float, delta: float) -> MeasurementPlan:
@@ -437,8 +448,6 @@ class MarginalModel(SynthModel):
 
 
 # ---------------------------------------------------------------------- federation state
-#: Round r of a marginals federation measures PHASES[r - 1].
-PHASES = ("one_way", "scores", "two_way")
 
 
 def state_layout(sizes: Sequence[int]) -> list[tuple[int, ...]]:
@@ -524,9 +533,7 @@ class NodeRoundPlan:
 
     @property
     def noise_multiplier(self) -> float:
-        return {1: self.plan.sigma_one_way, 2: self.plan.sigma_scores}.get(
-            self.round, self.plan.sigma_two_way
-        )
+        return self.plan.sigmas[PHASES[self.round - 1]]
 
     def this_round(self) -> list[tuple[float, float, int]]:
         return self.plan.history(PHASES[self.round - 1])
@@ -558,7 +565,7 @@ def model_from_state(
     each round's sum carries (it weighs the measurements in the fit)."""
     started = time.perf_counter() if started is None else started
     privacy = spec.privacy
-    codec = Codec(spec.schema, default_bins=spec.model.default_bins)
+    codec = codec_of(spec)
     sizes = domain_sizes(codec)
     plan = plan_measurements(len(sizes), privacy.target_epsilon, privacy.delta)
     edges = edges_of(state, sizes)
@@ -585,11 +592,7 @@ def model_from_state(
             "accountant": "rdp",
             "accountant_history": [[s, q, t] for s, q, t in history],
             "mechanism": "discrete Gaussian (OpenDP), per node",
-            "sigma": {
-                "one_way": plan.sigma_one_way,
-                "scores": plan.sigma_scores,
-                "two_way": plan.sigma_two_way,
-            },
+            "sigma": plan.sigmas,
             "released": {},
         },
         "training": {
@@ -611,7 +614,7 @@ def train_marginals(nodes: Sequence[pd.DataFrame], spec: FederationSpec) -> Marg
     started = time.perf_counter()
     if not nodes:
         raise ValueError("no rows to measure")
-    codec = Codec(spec.schema, default_bins=spec.model.default_bins)
+    codec = codec_of(spec)
     sizes = domain_sizes(codec)
     codes = [column_codes(codec, frame) for frame in nodes]
     plan = plan_measurements(len(sizes), spec.privacy.target_epsilon, spec.privacy.delta)

@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 
 from fedsynth.generative.accounting import calibrate_noise, histogram_noise
-from fedsynth.generative.codec import Codec
+from fedsynth.generative.codec import codec_of
 from fedsynth.generative.distance import _gower_embedding, _nearest
 from fedsynth.generative.model import SynthModel, build_modules
 from fedsynth.generative.quality import column_shapes
@@ -126,7 +126,7 @@ def target_column(spec: FederationSpec) -> str | None:
 def initial_model(spec: FederationSpec) -> SynthModel:
     """The round-0 global model: weights drawn from the spec's seed, no data involved."""
     torch.manual_seed(spec.training.seed)
-    codec = Codec(spec.schema, default_bins=spec.model.default_bins)
+    codec = codec_of(spec)
     arch = architecture(spec)
     modules = build_modules(spec.model.kind, codec, arch)
     target = target_column(spec)
@@ -274,7 +274,7 @@ def step_along(
 
 
 def encode(frame: pd.DataFrame, spec: FederationSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    codec = Codec(spec.schema, default_bins=spec.model.default_bins)
+    codec = codec_of(spec)
     return codec.encode(frame)
 
 
@@ -285,7 +285,7 @@ def release_counts(
 
     L2 sensitivity 1: one row moves one count by one. Without DP the exact counts.
     """
-    codec = Codec(spec.schema, default_bins=spec.model.default_bins)
+    codec = codec_of(spec)
     target = target_column(spec)
     if target is None:
         counts = torch.tensor([float(levels.shape[0])], dtype=torch.float64)

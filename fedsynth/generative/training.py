@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import fedsynth
 from fedsynth.generative.accounting import calibrate_noise, epsilon_of, histogram_noise
-from fedsynth.generative.codec import Codec
+from fedsynth.generative.codec import Codec, codec_of
 from fedsynth.generative.model import SynthModel, build_modules
 from fedsynth.generative.networks import activate, condition_loss, reconstruction_loss
 from fedsynth.generative.spec import FederationSpec
@@ -113,7 +113,7 @@ def _train(
     n_rows = len(frame)
     check_rows(n_rows, spec)
     torch.manual_seed(training.seed)
-    codec = Codec(schema, default_bins=spec.model.default_bins)
+    codec = codec_of(spec)
     data, levels = codec.encode(frame)
     steps = training.planned_steps(n_rows)
     sample_rate = 1.0 / training.steps_per_epoch(n_rows)

@@ -76,7 +76,7 @@ from flwr.superlink.grid.http_grid import HttpGrid
 from sqlalchemy import select
 
 from fedsynth.generative import marginals, rounds
-from fedsynth.generative.codec import Codec
+from fedsynth.generative.codec import codec_of
 from fedsynth.generative.model import SynthModel
 from fedsynth.generative.spec import FederationSpec, load_spec
 from fedsynth.home import fedsynth_home
@@ -352,7 +352,10 @@ class FederationServer:
         if done:
             initial = self.registry.load_checkpoint(spec.federation.name, self.run_id, done)
         elif is_marginals:
-            initial = [a.astype(np.float32) for a in marginals.initial_state(_sizes(spec))]
+            initial = [
+                a.astype(np.float32)
+                for a in marginals.initial_state(marginals.domain_sizes(codec_of(spec)))
+            ]
         else:
             initial = rounds.get_arrays(rounds.initial_model(spec))
         message_config: dict[str, Scalar] = {
@@ -812,10 +815,6 @@ class FederationServer:
             },
         )
         return str(version.id)
-
-
-def _sizes(spec: FederationSpec) -> list[int]:
-    return marginals.domain_sizes(Codec(spec.schema, default_bins=spec.model.default_bins))
 
 
 def _absorb_measurements(

@@ -126,32 +126,26 @@ class FederationStrategy(FedAvg):
             if averaged is None:
                 raise RoundFailed(f"round {server_round}: FedAvg produced no aggregate")
             aggregate = averaged
-        if self.combine is not None:
+        if self.combine is not None or self.server_step is not None:
             if self.layout is None:
-                raise ValueError("combining needs the arrays' layout")
+                raise ValueError("a server step or combination needs the arrays' layout")
             current, average = (
                 rounds.unpack(parameters_to_ndarrays(p), self.layout)
                 for p in (self.current, aggregate)
             )
-            combined = self.combine(server_round, current, average, len(results))
-            aggregate = ndarrays_to_parameters(rounds.pack(combined))
-        elif self.server_step is not None:
-            factor = self.server_step(
-                [
-                    (float(res.num_examples), int(res.metrics.get(protocol.STEPS, 0)))
-                    for _, res in results
-                ]
-            )
-            log.server_learning_rate = factor
-            if self.layout is None:
-                raise ValueError("a server step needs the model's layout")
-            current, average = (
-                rounds.unpack(parameters_to_ndarrays(p), self.layout)
-                for p in (self.current, aggregate)
-            )
-            aggregate = ndarrays_to_parameters(
-                rounds.pack(rounds.step_along(current, average, factor))
-            )
+            if self.combine is not None:
+                moved = self.combine(server_round, current, average, len(results))
+            else:
+                assert self.server_step is not None
+                factor = self.server_step(
+                    [
+                        (float(res.num_examples), int(res.metrics.get(protocol.STEPS, 0)))
+                        for _, res in results
+                    ]
+                )
+                log.server_learning_rate = factor
+                moved = rounds.step_along(current, average, factor)
+            aggregate = ndarrays_to_parameters(rounds.pack(moved))
         log.aggregated = True
         return aggregate, {}
 
