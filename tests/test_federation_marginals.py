@@ -59,10 +59,14 @@ def test_the_run_registers_a_marginal_model_that_samples_with_conditions(run):
     assert model.metadata["training"]["nodes_per_round"] == [3, 3, 3]
     rows = model.sample(3000, seed=4, conditions={"student": "Yes"})
     assert len(rows) == 3000 and set(rows["student"].astype(str)) == {"Yes"}
-    # the fitted tree keeps the table's strongest dependence: defaulters carry high balances
+    # the fitted tree keeps the table's strongest dependence: students earn far less. (Its
+    # score is about 30 noise deviations above any other pair's, so the noise, which is never
+    # seeded, cannot drop it; default-balance is only about 2 deviations above default-income
+    # at epsilon 1 and its edge was missed in 1 of 30 runs.)
+    assert (1, 3) in model.edges  # columns: default, student, balance, income
     rows = model.sample(20_000, seed=5)
-    defaulted = rows["default"].astype(str) == "Yes"
-    assert rows.loc[defaulted, "balance"].mean() > rows.loc[~defaulted, "balance"].mean() + 500
+    student = rows["student"].astype(str) == "Yes"
+    assert rows.loc[~student, "income"].mean() > rows.loc[student, "income"].mean() + 10_000
 
 
 def test_each_ledger_holds_the_three_measurements_and_equals_a_recomputation(run):
