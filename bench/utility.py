@@ -214,7 +214,8 @@ def run_baseline(dataset: str, method: str, epsilon: float | str, tables: dict) 
 
 def mean_of(runs: list[dict]) -> dict:
     """One run as it is; several (``--repeats``): each number's mean, plus the runs'
-    count and the standard deviation of their quality (DP noise differs between runs)."""
+    count and the standard deviation of their quality (DP noise differs between runs, and
+    so does the marginals rows' sampling seed)."""
     if len(runs) == 1:
         return runs[0]
     out = dict(runs[0])

@@ -17,7 +17,7 @@ from fedsynth.clients.replay import ReleaseStore
 from fedsynth.demo.simulate import simulate
 from fedsynth.generative import marginals
 from fedsynth.generative.accounting import epsilon_of
-from fedsynth.generative.codec import Codec
+from fedsynth.generative.codec import codec_of
 from fedsynth.generative.spec import load_spec
 from fedsynth.privacy.keys import KeyStore
 from fedsynth.privacy.ledger import PrivacyLedger
@@ -71,7 +71,7 @@ def test_the_run_registers_a_marginal_model_that_samples_with_conditions(run):
 
 def test_each_ledger_holds_the_three_measurements_and_equals_a_recomputation(run):
     spec = run["spec"]
-    columns = len(Codec(spec.schema, default_bins=spec.model.default_bins).columns)
+    columns = len(codec_of(spec).columns)
     plan = marginals.plan_measurements(columns, spec.privacy.target_epsilon, spec.privacy.delta)
     for i in range(3):
         ledger = PrivacyLedger(run["nodes"] / f"node-{i}" / "ledger.json")

@@ -315,15 +315,16 @@ def _without_residue(counts: np.ndarray, rows: np.ndarray, columns: np.ndarray) 
     keeps them, so that it still has a conditional to sample from."""
     allowed = counts * np.outer(rows, columns)
     kept = np.where(allowed < RESIDUE_ROWS, 0.0, allowed)
-    emptied = (kept.sum(axis=1) == 0) & (allowed.sum(axis=1) > 0)
-    kept[emptied, :] = allowed[emptied, :]
-    emptied = (kept.sum(axis=0) == 0) & (allowed.sum(axis=0) > 0)
-    kept[:, emptied] = allowed[:, emptied]
-    # a kept value whose mass lay only beside dropped values: its fitted row, as it was
-    emptied = rows & (kept.sum(axis=1) == 0)
-    kept[emptied, :] = counts[emptied, :]
-    emptied = columns & (kept.sum(axis=0) == 0)
-    kept[:, emptied] = counts[:, emptied]
+    # first from the allowed cells; a kept value whose mass lay only beside dropped values
+    # then gets its fitted row, as it was
+    for source, row_mass, column_mass in (
+        (allowed, allowed.sum(axis=1) > 0, allowed.sum(axis=0) > 0),
+        (counts, rows, columns),
+    ):
+        emptied = row_mass & (kept.sum(axis=1) == 0)
+        kept[emptied, :] = source[emptied, :]
+        emptied = column_mass & (kept.sum(axis=0) == 0)
+        kept[:, emptied] = source[:, emptied]
     return kept
 
 
