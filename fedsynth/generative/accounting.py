@@ -48,10 +48,10 @@ def _epsilon(history: tuple[tuple[float, float, int], ...], delta: float, accoun
     # Two notices that are expected here, silenced at the source so that every process
     # (Flower's node actors too) stays quiet: PRV takes log(1 - q), which numpy evaluates
     # for q = 1 (a histogram release) in the branch np.where then discards; and RDP says
-    # its largest order was optimal for small budgets, where the bound is then looser, not
-    # unsafe.
+    # its largest order was optimal for small budgets (its smallest for large ones), where
+    # the bound is then looser, not unsafe.
     with warnings.catch_warnings(), np.errstate(divide="ignore"):
-        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        warnings.filterwarnings("ignore", message="Optimal order is the (largest|smallest) alpha")
         return float(acc.get_epsilon(delta=delta))
 
 
