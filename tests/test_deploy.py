@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from typer.testing import CliRunner
 
+from fedsynth.clients.node import NodeConfig
 from fedsynth.deploy.certificates import (
     CertificateError,
     ServerCertificates,
@@ -102,8 +103,13 @@ def test_node_config_survives_flowers_parser_even_with_spaces_and_backslashes():
         "ledger-path": "/srv/node/ledger.json",
         "outbox-path": "/srv/node/outbox.jsonl",
         "epsilon-cap": 3.0,
+        "own-noise-cap": 5.0,
     }
     assert parse_config_args([node_config_string(config)]) == config
+    node = NodeConfig.from_mapping(config, "node config")
+    assert (node.epsilon_cap, node.own_noise_cap) == (3.0, 5.0)
+    del config["own-noise-cap"]  # unset: no server may learn more than the cap
+    assert NodeConfig.from_mapping(config, "node config").own_noise_cap == 3.0
     with pytest.raises(ValueError, match="may not contain"):
         node_config_string({"institution": "O'Brien clinic"})
 
@@ -177,6 +183,18 @@ def test_node_join_refuses_bad_inputs_before_starting_anything(tmp_path):
             "--root-cert",
             str(ca),
             "--insecure",
+        ],
+        "own-noise-cap must be at least epsilon-cap (2)": [
+            "--data",
+            str(data),
+            "--cap",
+            "2",
+            "--own-noise-cap",
+            "1.5",
+            "--institution",
+            "a",
+            "--root-cert",
+            str(ca),
         ],
         "--poll-s must be 0": [
             "--data",

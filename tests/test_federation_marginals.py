@@ -2,13 +2,17 @@
 SecAgg+, the same nodes, ledgers, records and registry as a GAN federation.
 
 One run for the module: the bank table over four nodes, node 3 capped below the cost of the
-measurements (so it refuses), node 0's table carrying a canary row.
+measurements (so it refuses), node 0's table carrying a canary row. The noise is split
+across the three nodes SecAgg+ must sum (``privacy.noise = "shared"``); each node's own
+noise is what tests/test_marginals.py checks for the default.
 """
 
 from __future__ import annotations
 
 import json
+import math
 
+import httpx
 import numpy as np
 import pytest
 from sqlalchemy import select
@@ -19,11 +23,14 @@ from fedsynth.generative import marginals
 from fedsynth.generative.accounting import epsilon_of
 from fedsynth.generative.codec import codec_of
 from fedsynth.generative.spec import load_spec
+from fedsynth.generative.table import load_table
 from fedsynth.privacy.keys import KeyStore
 from fedsynth.privacy.ledger import PrivacyLedger
+from fedsynth.server.api.keys import KeyStore as ApiKeys
 from fedsynth.server.audit import AuditLog
 from fedsynth.server.records import Database, Participation, Run, database_url
 from fedsynth.server.registry import ModelRegistry
+from tests.dashboard_server import csrf_field, dashboards
 from tests.factories import FEDERATIONS
 from tests.test_federation import bank_nodes, make_canary_mod
 
@@ -34,8 +41,12 @@ def run(tmp_path_factory):
     spec_path = home / "bank-marginals.toml"
     text = (FEDERATIONS / "bank.toml").read_text()
     assert 'kind = "gan"' in text
-    spec_path.write_text(text.replace('kind = "gan"', 'kind = "marginals"'))
-    nodes = bank_nodes(home, last_cap=0.5)
+    assert "\n[privacy]\n" in text
+    text = text.replace('kind = "gan"', 'kind = "marginals"')
+    spec_path.write_text(text.replace("\n[privacy]\n", '\n[privacy]\nnoise = "shared"\n'))
+    # node 3's cap (1.5) covers the budget (1.0) but not its own share of the noise alone
+    # (1.82): by default the own-noise cap is the cap, so it refuses before measuring
+    nodes = bank_nodes(home, last_cap=1.5)
     canary_log = home / "canary.jsonl"
     outcome = simulate(spec_path, nodes, 4, home, extra_mods=[make_canary_mod(canary_log)])
     db = Database(database_url(home))
@@ -71,8 +82,8 @@ def test_the_run_registers_a_marginal_model_that_samples_with_conditions(run):
 
 def test_each_ledger_holds_the_three_measurements_and_equals_a_recomputation(run):
     spec = run["spec"]
-    columns = len(codec_of(spec).columns)
-    plan = marginals.plan_measurements(columns, spec.privacy.target_epsilon, spec.privacy.delta)
+    plan = marginals.plan_for_spec(spec, marginals.domain_sizes(codec_of(spec)))
+    assert plan.split == spec.federation.min_nodes == 3
     for i in range(3):
         ledger = PrivacyLedger(run["nodes"] / f"node-{i}" / "ledger.json")
         entries = ledger.section("bank")["entries"]
@@ -84,49 +95,106 @@ def test_each_ledger_holds_the_three_measurements_and_equals_a_recomputation(run
         recomputed = epsilon_of(history, spec.privacy.delta, "rdp")
         assert recomputed == pytest.approx(entries[-1]["epsilon_after"], rel=1e-9)
         assert 0.995 * spec.privacy.target_epsilon <= recomputed <= spec.privacy.target_epsilon
+        # beside the budget, what the node's own share of the noise is worth alone: each
+        # node adds 1/sqrt(3) of the noise, so against a server that sees its update it
+        # has 3 times the zCDP, well above the target
+        own = [tuple(h) for e in entries for h in e["own_noise_history"]]
+        assert own == plan.full_own_noise_history()
+        assert [s for s, _, _ in own] == [
+            pytest.approx(s / math.sqrt(3), rel=1e-9) for s, _, _ in history
+        ]
+        own_epsilon = epsilon_of(own, spec.privacy.delta, "rdp")
+        assert own_epsilon == pytest.approx(entries[-1]["own_noise_epsilon_after"], rel=1e-9)
+        assert own_epsilon > 1.5 * recomputed
 
 
-def test_the_capped_node_refused_before_measuring_anything(run):
+def test_each_node_added_its_share_of_the_noise_and_the_model_says_so(run):
+    """A node's stored release minus the exact histogram of its own table is its noise:
+    about sigma / sqrt(3) per cell, not sigma. The registry and the records say whose noise
+    protects what."""
+    spec, home = run["spec"], run["home"]
+    codec = codec_of(spec)
+    sizes = marginals.domain_sizes(codec)
+    plan = marginals.plan_for_spec(spec, sizes)
+    ledger_path = run["nodes"] / "node-1" / "ledger.json"
+    (entry,) = [e for e in PrivacyLedger(ledger_path).section("bank")["entries"] if e["round"] == 3]
+    arrays = ReleaseStore(ledger_path).load(
+        "bank", entry["run_key"], 3, "train", entry["update_sha256"]
+    )
+    measured = np.asarray(arrays[2], dtype=np.float64) * spec.secure_aggregation.count_scale
+    rows = load_table(run["nodes"] / "node-1" / "data.csv", spec.schema)
+    codes = marginals.column_codes(codec, rows)
+    registry = ModelRegistry(home / "registry", KeyStore(home / "keys"), run["db"])
+    model = registry.load(run["outcome"].model_id)
+    exact = np.zeros_like(measured)
+    offsets = marginals._pair_offsets(sizes)
+    for edge in model.edges:
+        counts = marginals.histogram(codes, sizes, edge)
+        exact[offsets[edge] : offsets[edge] + counts.size] = counts
+    cells = np.concatenate(
+        [np.arange(offsets[e], offsets[e] + sizes[e[0]] * sizes[e[1]]) for e in model.edges]
+    )
+    noise = (measured - exact)[cells]
+    assert len(cells) >= 200
+    share = plan.node_sigma("two_way")
+    assert share == pytest.approx(plan.sigma_two_way / math.sqrt(3))
+    # 200+ cells estimate the spread within about 5 %; sigma itself is 73 % larger
+    assert 0.8 * share < float(noise.std()) < 1.2 * share
+    privacy = model.metadata["privacy"]
+    assert privacy["noise"] == "shared" and privacy["noise_split"] == 3
+    assert privacy["own_noise_epsilon"] > 1.5 * spec.privacy.target_epsilon
+    assert all(
+        n["own_noise_epsilon"] == pytest.approx(privacy["own_noise_epsilon"], rel=1e-9)
+        for n in privacy["nodes"].values()
+    )
+    with run["db"].session() as s:
+        trained = s.scalars(select(Participation).where(Participation.status == "trained")).all()
+    assert trained and all("against a server that sees" in p.detail for p in trained)
+
+
+def test_the_node_capped_below_its_own_noise_epsilon_refused_before_measuring(run):
     ledger = PrivacyLedger(run["nodes"] / "node-3" / "ledger.json")
     section = ledger.section("bank")
     assert section["entries"] == [] and section["refusals"]
+    assert {r["measure"] for r in section["refusals"]} == {"own-noise epsilon"}
+    # round 1 plans all three measurements, later rounds only those still to come
+    assert 1.75 < section["refusals"][0]["would_reach"] < 1.9
+    assert all(r["would_reach"] > r["cap"] == 1.5 for r in section["refusals"])
     events = AuditLog(run["db"]).events(event_type="node_refused_budget")
     assert {e.actor for e in events} == {"bank-d"}
+    assert {e.payload["measure"] for e in events} == {"own-noise epsilon"}
     with run["db"].session() as s:
         refused = s.scalars(select(Participation).where(Participation.status == "refused")).all()
     assert {p.round for p in refused} == {1, 2, 3}
+    assert all("above its own-noise cap 1.5" in p.detail for p in refused)
 
 
-def test_the_state_holds_the_sum_of_the_unmasked_measurements_up_to_quantisation(run):
+def test_the_state_holds_exactly_the_sum_of_the_unmasked_measurements(run):
     """What SecAgg+ unmasked (the checkpointed state) against what each node measured (its
-    stored release, before masking): equal within SecAgg+'s quantisation step. A node keeps
-    only its last round's release (earlier ones are pruned), so round 3 is compared."""
+    stored release, before masking): one count is one quantisation step, so the sum is
+    exact, which split noise relies on. A node keeps only its last round's release (earlier
+    ones are pruned), so round 3 is compared."""
     spec, db, home = run["spec"], run["db"], run["home"]
-    secagg = spec.secure_aggregation
-    scale = marginals.secagg_scale(secagg.max_weight, secagg.clipping_range)
-    step = scale * 2 * secagg.clipping_range / secagg.quantization_range  # counts per step
+    scale = spec.secure_aggregation.count_scale
     registry = ModelRegistry(home / "registry", KeyStore(home / "keys"), db)
     with db.session() as s:
         run_id = s.scalars(select(Run.id)).one()
-    for server_round in (3,):
-        state = registry.load_checkpoint("bank", run_id, server_round)
-        unmasked = []
-        for i in range(3):
-            ledger_path = run["nodes"] / f"node-{i}" / "ledger.json"
-            (entry,) = [
-                e
-                for e in PrivacyLedger(ledger_path).section("bank")["entries"]
-                if e["round"] == server_round
-            ]
-            arrays = ReleaseStore(ledger_path).load(
-                "bank", entry["run_key"], server_round, "train", entry["update_sha256"]
-            )
-            unmasked.append(np.asarray(arrays[server_round - 1], dtype=np.float64) * scale)
-        total = np.sum(unmasked, axis=0)
-        got = np.asarray(state[server_round - 1], dtype=np.float64)
-        assert np.abs(total).max() > 100  # real counts, not an empty slot
-        # one quantisation step per node, plus float32 rounding of the stored state
-        assert np.abs(got - total).max() <= 3 * step + 1e-6 * np.abs(total).max() + 1e-3
+    state = registry.load_checkpoint("bank", run_id, 3)
+    unmasked = []
+    for i in range(3):
+        ledger_path = run["nodes"] / f"node-{i}" / "ledger.json"
+        (entry,) = [
+            e for e in PrivacyLedger(ledger_path).section("bank")["entries"] if e["round"] == 3
+        ]
+        arrays = ReleaseStore(ledger_path).load(
+            "bank", entry["run_key"], 3, "train", entry["update_sha256"]
+        )
+        counts = np.asarray(arrays[2], dtype=np.float64) * scale
+        assert np.array_equal(counts, np.rint(counts))  # integers, as measured
+        unmasked.append(counts)
+    total = np.sum(unmasked, axis=0)
+    assert np.abs(total).max() > 100  # real counts, not an empty slot
+    assert np.array_equal(np.asarray(state[2], dtype=np.float64), total)
 
 
 def test_no_canary_value_left_a_node_and_no_update_was_plain(run):
@@ -137,3 +205,22 @@ def test_no_canary_value_left_a_node_and_no_update_was_plain(run):
     trains = [json.loads(line) for line in outbox if '"train"' in line]
     assert trains and all("secaggplus_configs" in t["content"]["configs"] for t in trains)
     assert all(not any(t["content"]["arrays"].values()) for t in trains)
+
+
+def test_the_dashboards_show_whose_noise_protects_each_node(run):
+    """The analyst's model page and the compliance officer's node page both say that the
+    noise was split, and what a node's share alone is worth."""
+    home, db = run["home"], run["db"]
+    token = ApiKeys(db).create("admin")[1]
+    with dashboards(home) as url:
+        browser = httpx.Client(base_url=url, timeout=60)
+        form = browser.get("/dashboards/login")
+        browser.post(
+            "/dashboards/login", data={"api_key": token, "csrf_token": csrf_field(form.text)}
+        )
+        model = browser.get(f"/dashboards/analyst/models/{run['outcome'].model_id}")
+        node = browser.get("/dashboards/compliance/nodes/bank/bank-a")
+    assert model.status_code == 200 and node.status_code == 200
+    assert "split across 3 nodes under SecAgg+; ε 1.82 for a node whose update" in model.text
+    assert "if its update is seen" in model.text
+    assert node.text.count("against a server that sees this node&#39;s update") == 3

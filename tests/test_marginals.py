@@ -12,6 +12,7 @@ import pytest
 from opacus.accountants import RDPAccountant
 
 from fedsynth.generative import marginals
+from fedsynth.generative.accounting import epsilon_of
 from fedsynth.generative.codec import Codec
 from fedsynth.generative.marginals import (
     SHARES,
@@ -62,8 +63,6 @@ def test_the_plan_spends_the_target_and_equals_an_independent_recomputation(colu
     for phase, share in SHARES.items():
         assert rho[phase] == pytest.approx(share * total, rel=1e-9)
     recomputed = _rdp_epsilon(total, delta)
-    from fedsynth.generative.accounting import epsilon_of
-
     ledger = epsilon_of(plan.full_history(), delta, "rdp")
     assert ledger == pytest.approx(recomputed, rel=1e-9)
     assert 0.995 * epsilon <= ledger <= epsilon
@@ -215,6 +214,105 @@ def test_a_marginals_spec_is_accounted_with_rdp():
         parse_spec(raw, source="clinic.toml")
 
 
+def _kls_rho(plan: marginals.MeasurementPlan) -> float:
+    """zCDP of the plan's three sums of split discrete Gaussians, by KLS 2021 Proposition
+    14's third bound, written out here independently of the module: each mechanism of
+    sensitivity s in d cells costs (s / sigma + sqrt(d) tau)^2 / 2."""
+    nodes, d = plan.split, plan.cells
+    rho = 0.0
+    for sigma, sensitivity, count in (
+        (plan.sigma_one_way, 1, plan.n_columns),
+        (plan.sigma_scores, 2, plan.n_pairs),
+        (plan.sigma_two_way, 1, plan.n_edges),
+    ):
+        local = sigma / math.sqrt(nodes)
+        tau = 10 * sum(math.exp(-2 * math.pi**2 * local**2 * k / (k + 1)) for k in range(1, nodes))
+        rho += count * (sensitivity / sigma + math.sqrt(d) * tau) ** 2 / 2
+    return rho
+
+
+@pytest.mark.parametrize("epsilon", [1.0, 8.0])
+def test_split_noise_is_accounted_by_the_distributed_discrete_gaussian_bound(epsilon):
+    delta, columns, cells = 1e-5, 6, 400
+    own = plan_measurements(columns, epsilon, delta, cells=cells)
+    split = plan_measurements(columns, epsilon, delta, split=3, cells=cells)
+    ledger = epsilon_of(split.full_history(), delta, "rdp")
+    assert ledger == pytest.approx(_rdp_epsilon(_kls_rho(split), delta), rel=1e-9)
+    assert 0.995 * epsilon <= ledger <= epsilon
+    for phase in SHARES:
+        assert split.node_sigma(phase) == pytest.approx(split.sigmas[phase] / math.sqrt(3))
+        assert own.node_sigma(phase) == own.sigmas[phase]
+    # what one node's share alone is worth: three times the zCDP of the sum
+    alone = epsilon_of(split.full_own_noise_history(), delta, "rdp")
+    if epsilon == 1.0:
+        # tau is far below float resolution at these scales: the sum's noise is the
+        # central plan's, and the node's own share costs about 1.8 against the target 1
+        assert split.sigmas == pytest.approx(own.sigmas, rel=1e-9)
+        assert 1.6 < alone < 2.0
+    else:
+        # at small scales tau is not negligible (3.6 % more noise at 8, 14 % at 10), and
+        # the plan pays for it
+        assert split.sigma_two_way > own.sigma_two_way * 1.02
+    assert epsilon_of(own.full_own_noise_history(), delta, "rdp") == pytest.approx(
+        epsilon_of(own.full_history(), delta, "rdp"), rel=1e-12
+    )
+
+
+def test_secure_aggregation_carries_integer_counts_exactly():
+    """Flower's own quantiser and dequantiser, as SecAgg+ runs them for three nodes:
+    the sum comes back exact, which split noise needs; a count out of range is refused."""
+    from flwr.common.secure_aggregation.quantization import dequantize, quantize
+
+    secagg = small_spec("marginals").secure_aggregation
+    rng = np.random.default_rng(3)
+    limit = secagg.quantization_range // 2
+    nodes = [rng.integers(-limit // 4, limit // 4, size=500) for _ in range(3)]
+    quantised = [
+        quantize(
+            marginals.to_secagg([c], secagg), secagg.clipping_range, secagg.quantization_range
+        )[0]
+        for c in nodes
+    ]
+    total = np.sum(quantised, axis=0)
+    (mean,) = dequantize([total], secagg.clipping_range, secagg.quantization_range)
+    mean = (mean - 2 * secagg.clipping_range) / 3  # the workflow's offset and 1 / nodes
+    (summed,) = marginals.from_secagg([mean], 3, secagg)
+    assert np.array_equal(summed, np.sum(nodes, axis=0))
+    with pytest.raises(ValueError, match="exceeds the 2097152 counts"):
+        marginals.to_secagg([np.array([limit + 1])], secagg)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"model": "gan"}, "privacy.noise = 'shared' needs model.kind = 'marginals'"),
+        ({"secure_aggregation": False}, "needs secure_aggregation.enabled = true"),
+        ({"clipping_range": 10.0}, "secure_aggregation: .* must be a power of two"),
+    ],
+)
+def test_a_spec_that_cannot_split_noise_safely_is_refused(change, message):
+    raw = small_spec_dict(change.get("model", "marginals"))
+    raw["privacy"]["noise"] = "shared"
+    if change.get("model") == "gan":
+        raw["privacy"].pop("accountant", None)
+    raw["secure_aggregation"] = {
+        "enabled": change.get("secure_aggregation", True),
+        "clipping_range": change.get("clipping_range", 8.0),
+    }
+    with pytest.raises(SpecError, match=message):
+        parse_spec(raw, source="clinic.toml")
+
+
+def test_shared_noise_is_never_summed_over_fewer_nodes_than_it_was_split_across():
+    raw = small_spec_dict("marginals")
+    raw["privacy"]["noise"] = "shared"
+    spec = parse_spec(raw)
+    frame = small_frame(400)
+    assert spec.federation.min_nodes == 3
+    with pytest.raises(ValueError, match="3 nodes; 2 would leave the sum short"):
+        train_marginals([frame.iloc[:200], frame.iloc[200:]], spec)
+
+
 @pytest.fixture(scope="module")
 def trained():
     spec = small_spec("marginals", epsilon=1.0)
@@ -283,6 +381,7 @@ def test_the_api_serves_a_registered_marginal_model_with_conditions(trained, tmp
         )
         page = browser.get(f"/dashboards/analyst/models/{version.id}")
     assert page.status_code == 200 and "<dd>MARGINALS</dd>" in page.text
+    assert "each node&#39;s own (holds even if the server sees its update)" in page.text
     assert [m["kind"] for m in listed if m["id"] == version.id] == ["marginals"]
     assert response.status_code == 200, response.text
     rows = [json.loads(line) for line in response.text.splitlines() if line]

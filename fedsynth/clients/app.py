@@ -97,15 +97,33 @@ class NodeSession:
         key = f"{self.spec.training.seed}/{self.config.institution}/{self.round}/{purpose}"
         return zlib.crc32(key.encode())
 
-    def check(self, planned: Sequence[tuple[float, float, int]]) -> BudgetCheck:
+    def check(
+        self,
+        planned: Sequence[tuple[float, float, int]],
+        own_noise: Sequence[tuple[float, float, int]] = (),
+    ) -> BudgetCheck:
+        """The budget check; with split noise (privacy.noise = "shared") also the check of
+        ``own_noise``, the same releases under this node's own share of the noise alone,
+        against its own-noise cap. The first that fails is returned."""
         privacy = self.spec.privacy
-        return self.ledger.check(
+        budget = self.ledger.check(
             self.federation,
             planned,
             cap=self.config.epsilon_cap,
             delta=privacy.delta,
             accountant=privacy.accountant,
         )
+        if not budget.allowed or privacy.noise != "shared":
+            return budget
+        own = self.ledger.check(
+            self.federation,
+            own_noise,
+            cap=self.config.own_noise_cap,
+            delta=privacy.delta,
+            accountant=privacy.accountant,
+            own_noise=True,
+        )
+        return budget if own.allowed else own
 
     def spend(
         self,
@@ -138,6 +156,10 @@ class NodeSession:
         privacy = self.spec.privacy
         return self.ledger.epsilon(self.federation, privacy.delta, privacy.accountant)
 
+    def own_noise_epsilon(self) -> float:
+        privacy = self.spec.privacy
+        return self.ledger.own_noise_epsilon(self.federation, privacy.delta, privacy.accountant)
+
     @property
     def releases(self) -> ReleaseStore:
         return ReleaseStore(self.config.ledger_path)
@@ -152,6 +174,12 @@ class NodeSession:
             run=self.run,
             round=self.round,
         )
+
+    def plan_own_noise(self) -> list[tuple[float, float, int]]:
+        """The rounds still to come under this node's own share of split noise alone
+        (none unless a marginals federation splits its noise)."""
+        own = getattr(self.plan, "own_noise_round_history", None)
+        return own() if own is not None and self.spec.privacy.noise == "shared" else []
 
     def released_counts(self) -> list[float] | None:
         counts = self.ledger.recall(self.federation, "counts")
@@ -198,8 +226,7 @@ def _marginal_plan(spec: FederationSpec, server_round: int) -> marginals.NodeRou
         raise ValueError(
             f"a marginals federation has rounds 1-{len(marginals.PHASES)}, not {server_round}"
         )
-    columns = len(codec_of(spec).columns)
-    plan = marginals.plan_measurements(columns, spec.privacy.target_epsilon, spec.privacy.delta)
+    plan = marginals.plan_for_spec(spec, marginals.domain_sizes(codec_of(spec)))
     return marginals.NodeRoundPlan(plan, server_round)
 
 
@@ -245,7 +272,8 @@ def query(message: Message, context: Context) -> Message:
     # A round this run already released is re-sent, not trained: it costs nothing more.
     again = session.released("train") is not None
     planned = [] if again else [*session.pending_release(), *session.plan.round_history()]
-    check = session.check(planned)
+    own = [] if again else session.plan_own_noise()
+    check = session.check(planned, own)
     if not check.allowed:
         session.refuse("train", check)
     reply = {
@@ -254,6 +282,7 @@ def query(message: Message, context: Context) -> Message:
         protocol.SPENT: check.spent,
         protocol.AFTER: check.after,
         protocol.CAP: check.cap,
+        protocol.MEASURE: check.measure,
     }
     return Message(RecordDict({protocol.CONFIG: ConfigRecord(reply)}), reply_to=message)
 
@@ -335,7 +364,7 @@ def _store_release(session: NodeSession, arrays: list[np.ndarray], start: str) -
 
 def _measure(message: Message, packed: list[np.ndarray], session: NodeSession) -> Message:
     """A round of a marginals federation: this node's noisy measurement of its own rows,
-    divided by the public ``secagg_scale`` so that SecAgg+ can sum it, spent before it
+    as weights SecAgg+ sums exactly (``marginals.to_secagg``), spent before it
     leaves; re-sent, not measured again, if this run's round asks again."""
     from fedsynth.generative import marginals, rounds
     from fedsynth.generative.codec import codec_of
@@ -348,36 +377,27 @@ def _measure(message: Message, packed: list[np.ndarray], session: NodeSession) -
     earlier = session.released("train")
     if earlier is not None:
         return _resend_update(message, session, earlier, digest(state))
-    check = session.check(plan.round_history())
+    check = session.check(plan.round_history(), session.plan_own_noise())
     if not check.allowed:
         session.refuse("train", check)
         raise BudgetRefused(
             f"{session.config.institution}: the measurements of rounds {session.round}-"
-            f"{len(marginals.PHASES)} would reach epsilon {check.after:.3f}, above this "
-            f"node's cap {check.cap:g} (spent {check.spent:.3f})"
+            f"{len(marginals.PHASES)} would reach {check.measure} {check.after:.3f}, above "
+            f"this node's cap {check.cap:g} on it (spent {check.spent:.3f})"
         )
     secagg = spec.secure_aggregation
     measured = marginals.measure_round(
         session.round, marginals.column_codes(codec, session.rows), sizes, state, plan.plan
     )
-    scale = marginals.secagg_scale(secagg.max_weight, secagg.clipping_range)
-    arrays = [np.asarray(m / scale, dtype=np.float32) for m in measured]
-    largest = max(float(np.abs(a).max()) for a in arrays if a.size)
-    if secagg.enabled and largest > secagg.clipping_range:
-        raise ValueError(
-            f"a measurement of {largest * scale:.0f} exceeds what secure aggregation carries "
-            f"(secure_aggregation.max_weight = {secagg.max_weight:g} rows); not sent"
-        )
+    arrays = marginals.to_secagg(measured, secagg)
     stored = _store_release(session, arrays, digest(state))
     # Every node the same weight, so the aggregate is the plain mean (the server knows how
-    # many nodes replied); the weight says nothing about the node's rows.
-    epsilon = session.spend(
-        "train",
-        plan.this_round(),
-        phase=marginals.PHASES[session.round - 1],
-        rows_weight=secagg.max_weight,
-        **stored,
-    )
+    # many nodes replied); the weight says nothing about the node's rows. With split noise
+    # the entry also keeps what this node's own share of the noise is worth alone.
+    detail: dict[str, Any] = {"phase": plan.phase, "rows_weight": secagg.max_weight, **stored}
+    if plan.plan.split > 1:
+        detail["own_noise_history"] = plan.own_noise_this_round()
+    epsilon = session.spend("train", plan.this_round(), **detail)
     return _fit_reply(message, session, arrays, secagg.max_weight, epsilon, resent=False)
 
 
@@ -401,6 +421,8 @@ def _fit_reply(
         protocol.INSTITUTION: session.config.institution,
         protocol.RESENT: int(resent),
     }
+    if spec.privacy.noise == "shared":
+        metrics[protocol.OWN_NOISE_EPSILON] = session.own_noise_epsilon()
     from fedsynth.generative import rounds
 
     packed = ndarrays_to_parameters(rounds.pack(arrays))

@@ -19,7 +19,7 @@ from fedsynth.generative.spec import FederationSpec
 if TYPE_CHECKING:  # pandas is imported by load_rows, when a handler needs the table
     import pandas as pd
 
-KEYS = ("institution", "data-path", "ledger-path", "epsilon-cap", "outbox-path")
+KEYS = ("institution", "data-path", "ledger-path", "epsilon-cap", "outbox-path", "own-noise-cap")
 
 
 class NodeConfigError(ValueError):
@@ -33,6 +33,10 @@ class NodeConfig:
     ledger_path: Path
     epsilon_cap: float
     outbox_path: Path
+    #: Largest epsilon this node accepts under its own share of split noise alone
+    #: (privacy.noise = "shared": what a server that sees its update could learn);
+    #: ``epsilon-cap`` unless set, so that by default no server can learn more than the cap.
+    own_noise_cap: float
 
     @classmethod
     def from_mapping(cls, raw: dict[str, Any], source: str) -> NodeConfig:
@@ -50,6 +54,16 @@ class NodeConfig:
             ) from None
         if math.isnan(cap) or cap <= 0:
             raise NodeConfigError(f"{source}: epsilon-cap must be > 0, got {cap}")
+        try:
+            own_cap = float(raw.get("own-noise-cap", cap))
+        except (TypeError, ValueError):
+            raise NodeConfigError(
+                f"{source}: own-noise-cap must be a number, got {raw['own-noise-cap']!r}"
+            ) from None
+        if math.isnan(own_cap) or own_cap < cap:
+            raise NodeConfigError(
+                f"{source}: own-noise-cap must be at least epsilon-cap ({cap:g}), got {own_cap}"
+            )
         institution = str(raw["institution"]).strip()
         if not institution:
             raise NodeConfigError(f"{source}: institution must not be empty")
@@ -61,6 +75,7 @@ class NodeConfig:
             ledger,
             cap,
             Path(str(outbox)).expanduser(),
+            own_cap,
         )
 
 

@@ -96,6 +96,7 @@ def routes(site: Site) -> APIRouter:
             node_quality=quality.get("nodes") or {},
             node_privacy=manifest.get("node_privacy") or {},
             secure_aggregation=model.metadata.get("privacy", {}).get("secure_aggregation"),
+            noise=_noise(model.metadata.get("privacy", {})),
             scores=figures.SCORES,
             preview_rows=PREVIEW_ROWS,
             max_rows=services.max_rows,
@@ -195,3 +196,18 @@ def _field(loc: Any) -> str:
     if len(parts) >= 2 and parts[0] == "conditions":
         return f"condition on {parts[1]}"
     return ".".join(parts) or "form"
+
+
+def _noise(privacy: dict) -> str | None:
+    """Whose noise protects a node, for a marginals model (docs/privacy.md): the budget
+    epsilon holds while the update is hidden in a sum; a shared share alone is worth more."""
+    if privacy.get("noise") == "shared":
+        own = privacy.get("own_noise_epsilon")
+        alone = f"{own:.2f}" if isinstance(own, int | float) else str(own)
+        return (
+            f"split across {privacy.get('noise_split')} nodes under SecAgg+; "
+            f"ε {alone} for a node whose update the server sees"
+        )
+    if privacy.get("noise") == "own":
+        return "each node's own (holds even if the server sees its update)"
+    return None

@@ -222,6 +222,15 @@ def node_join(
             max=3.0,
         ),
     ] = launch.NODE_POLL_S,
+    own_noise_cap: Annotated[
+        float | None,
+        typer.Option(
+            "--own-noise-cap",
+            help="Largest epsilon under this node's own share of split noise alone "
+            '(privacy.noise = "shared": what a server that sees its update could learn); '
+            "default: --cap",
+        ),
+    ] = None,
 ) -> None:
     """Check this node's inputs, then become ``flower-supernode`` connected to the
     SuperLink over TLS. The table never leaves this machine."""
@@ -255,6 +264,7 @@ def node_join(
         "ledger-path": str(ledger),
         "outbox-path": str((outbox or ledger.with_name("outbox.jsonl")).expanduser().resolve()),
         "epsilon-cap": cap,
+        **({"own-noise-cap": own_noise_cap} if own_noise_cap is not None else {}),
     }
     try:
         NodeConfig.from_mapping(raw, "fedsynth node join")

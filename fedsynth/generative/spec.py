@@ -76,6 +76,11 @@ class PrivacySection(_Section):
     # Share of target_epsilon (alone, before composition) spent on the scalar scores a
     # node returns in federated evaluation rounds, each a Gaussian-mechanism release.
     evaluation_share: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    # Whose noise protects a marginals node (fedsynth.generative.marginals, docs/privacy.md):
+    # "own", each node adds all of it and is protected even if the server sees its update;
+    # "shared", the noise is split across federation.min_nodes and only their sum under
+    # secure aggregation carries all of it (a sqrt(min_nodes) smaller noise in the model).
+    noise: Literal["own", "shared"] = "own"
 
     @field_validator("target_epsilon", mode="before")
     @classmethod
@@ -139,6 +144,24 @@ class SecureAggregationSection(_Section):
     quantization_range: Annotated[int, Field(ge=2**10, le=2**28)] = 2**22
     # Largest node weight (its noisy row count); Flower's default (1000) overflows.
     max_weight: Annotated[float, Field(gt=0)] = 1e6
+
+    @property
+    def count_scale(self) -> float:
+        """Counts per unit of weight when a marginals node sends integer counts: one count
+        is one quantisation step of Flower's quantiser, so that it never rounds them."""
+        return self.quantization_range / (2 * self.clipping_range)
+
+    def exact_counts_problem(self) -> str | None:
+        """Why these settings cannot carry integer counts exactly, or None: the scale must
+        be a power of two, so that count / scale and Flower's arithmetic on it are exact."""
+        scale = self.count_scale
+        if scale >= 1 and math.log2(scale).is_integer():
+            return None
+        return (
+            f"quantization_range / (2 * clipping_range) = {self.quantization_range} / "
+            f"{2 * self.clipping_range:g} = {scale:g} must be a power of two >= 1 with "
+            "model.kind = 'marginals', so that every count is one exact quantisation step"
+        )
 
     @field_validator("num_shares")
     @classmethod
@@ -204,6 +227,31 @@ class FederationSpec(_Section):
                 "privacy.accountant must be 'rdp' with model.kind = 'marginals': its "
                 "discrete Gaussian noise is proven zCDP, not the PRV accountant's curve"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _shared_noise_needs_secure_aggregation(self) -> FederationSpec:
+        if self.privacy.noise != "shared":
+            return self
+        if self.model.kind != "marginals":
+            raise ValueError(
+                "privacy.noise = 'shared' needs model.kind = 'marginals': DP-SGD updates "
+                "carry each node's own noise"
+            )
+        if not self.secure_aggregation.enabled:
+            raise ValueError(
+                "privacy.noise = 'shared' needs secure_aggregation.enabled = true: without "
+                "it the server sees each node's measurement with a share of the noise only"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _exact_counts_for_marginals(self) -> FederationSpec:
+        secagg = self.secure_aggregation
+        if self.model.kind == "marginals":  # the plain path carries the same weights
+            problem = secagg.exact_counts_problem()
+            if problem:
+                raise ValueError(f"secure_aggregation: {problem}")
         return self
 
     @property

@@ -58,6 +58,9 @@ class BudgetCheck:
     spent: float  # epsilon so far
     after: float  # epsilon if the work is done
     cap: float
+    #: what was checked: "epsilon" (the budget) or "own-noise epsilon" (a node's own share
+    #: of split noise alone, see :meth:`PrivacyLedger.own_noise_epsilon`)
+    measure: str = "epsilon"
 
     @property
     def remaining(self) -> float:
@@ -83,6 +86,14 @@ class PrivacyLedger:
     def epsilon(self, federation: str, delta: float, accountant: str = "prv") -> float:
         return epsilon_of(self.history(federation), delta, accountant)
 
+    def own_noise_epsilon(self, federation: str, delta: float, accountant: str = "prv") -> float:
+        """Epsilon of this node's releases protected by its own noise alone: what a server
+        that saw its updates could learn. Equal to :meth:`epsilon` unless a federation split
+        its noise across nodes under secure aggregation (``privacy.noise = "shared"``),
+        whose entries keep ``own_noise_history`` beside the ``history`` the cap governs."""
+        section = self._read()["federations"].get(federation, {})
+        return epsilon_of(_own_noise_history(section), delta, accountant)
+
     def section(self, federation: str) -> dict[str, Any]:
         """The federation's raw record: entries, refusals, runs, released counts."""
         return dict(self._read()["federations"].get(federation, {}))
@@ -105,12 +116,20 @@ class PrivacyLedger:
         cap: float,
         delta: float,
         accountant: str = "prv",
+        own_noise: bool = False,
     ) -> BudgetCheck:
-        """Would ``planned`` releases keep this node within ``cap``?"""
-        history = self.history(federation)
+        """Would ``planned`` releases keep this node within ``cap``? With ``own_noise``,
+        ``planned`` and the ledger are read as protected by the node's own noise alone."""
+        if own_noise:
+            history = _own_noise_history(self._read()["federations"].get(federation, {}))
+        else:
+            history = self.history(federation)
         spent = epsilon_of(history, delta, accountant)
         after = epsilon_of([*history, *planned], delta, accountant) if planned else spent
-        return BudgetCheck(after <= cap * (1 + 1e-9) or math.isinf(cap), spent, after, cap)
+        allowed = after <= cap * (1 + 1e-9) or math.isinf(cap)
+        return BudgetCheck(
+            allowed, spent, after, cap, "own-noise epsilon" if own_noise else "epsilon"
+        )
 
     # ------------------------------------------------------------------ writing
     def spend(
@@ -157,6 +176,10 @@ class PrivacyLedger:
                 section.setdefault("released", {}).update(remember)
             all_history = [tuple(h) for item in section["entries"] for h in item["history"]]
             entry["epsilon_after"] = epsilon_of(all_history, delta, accountant)
+            if "own_noise_history" in entry:
+                entry["own_noise_epsilon_after"] = epsilon_of(
+                    _own_noise_history(section), delta, accountant
+                )
             return float(entry["epsilon_after"])
 
     def refuse(
@@ -181,6 +204,7 @@ class PrivacyLedger:
                     "spent": check.spent,
                     "would_reach": check.after,
                     "cap": check.cap,
+                    **({"measure": check.measure} if check.measure != "epsilon" else {}),
                 }
             )
 
@@ -231,6 +255,14 @@ class PrivacyLedger:
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
             os.close(lock)
+
+
+def _own_noise_history(section: dict[str, Any]) -> list[Entry]:
+    return [
+        (float(s), float(q), int(t))
+        for item in section.get("entries", [])
+        for s, q, t in item.get("own_noise_history", item["history"])
+    ]
 
 
 def _same_release(entry: dict[str, Any], kind: str, run_key: str, round: int) -> bool:

@@ -8,7 +8,8 @@ every reply from a node carries only DP releases and budget figures:
 - ``query`` (before each round): the node answers whether the round fits its cap
   (``accept`` or ``refuse``), with its epsilon spent, what it would reach, and its cap;
 - ``train``: the model arrays (masked under SecAgg+), the noisy row count as FedAvg weight,
-  and metrics ``epsilon``/``delta``/``steps``/``institution``;
+  and metrics ``epsilon``/``delta``/``steps``/``institution`` (and ``own-noise-epsilon``
+  when a marginals federation splits its noise);
 - ``evaluate``: noisy scores (``fedsynth.generative.rounds.evaluation_scores``).
 """
 
@@ -35,9 +36,15 @@ INSTITUTION = "institution"
 SPENT = "epsilon-spent"
 AFTER = "epsilon-after"
 CAP = "epsilon-cap"
+#: What a refusal's figures measure: "epsilon" (the budget, the default) or "own-noise
+#: epsilon" (the node's own share of split noise alone, against its own-noise cap).
+MEASURE = "measure"
 DETAIL = "detail"
 
 EPSILON = "epsilon"
+#: With split noise (privacy.noise = "shared"): the node's epsilon under its own share of
+#: the noise alone, what protects it from a server that sees its update.
+OWN_NOISE_EPSILON = "own-noise-epsilon"
 DELTA = "delta"
 STEPS = "steps"
 NOISE = "noise-multiplier"

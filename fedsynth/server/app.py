@@ -500,15 +500,24 @@ class FederationServer:
                 spent, after, cap = (
                     float(answer[key]) for key in (protocol.SPENT, protocol.AFTER, protocol.CAP)
                 )
+                # "epsilon" (the budget), or "own-noise epsilon" under split noise
+                measure = str(answer.get(protocol.MEASURE, "epsilon"))
+                budget = measure == "epsilon"
                 self._turned_away(
                     server_round,
                     institution,
                     "refused",
                     "node_refused_budget",
-                    {"spent": spent, "would_reach": after, "cap": cap},
-                    detail=f"would reach epsilon {after:.4f}",
-                    epsilon=spent,
-                    cap=cap,
+                    {
+                        "spent": spent,
+                        "would_reach": after,
+                        "cap": cap,
+                        **({} if budget else {"measure": measure}),
+                    },
+                    detail=f"would reach {measure} {after:.4f}"
+                    + ("" if budget else f", above its own-noise cap {cap:g}"),
+                    epsilon=spent if budget else None,
+                    cap=cap if budget else None,
                 )
             else:
                 detail = str(answer.get(protocol.DETAIL, "no detail"))
@@ -597,7 +606,7 @@ class FederationServer:
                         epsilon_cap=self._caps.get(institution),
                         delta=float(metrics.get(protocol.DELTA, 0.0)),
                         steps=int(metrics.get(protocol.STEPS, 0)),
-                        detail="re-sent its update" if metrics.get(protocol.RESENT) else "",
+                        detail=_participation_detail(metrics),
                     )
                 )
             _upsert_round(s, self.run_id, server_round, status, started, len(fitted))
@@ -761,6 +770,9 @@ class FederationServer:
                     "epsilon": float(metrics.get(protocol.EPSILON, math.inf)),
                     "delta": float(metrics.get(protocol.DELTA, 0.0)),
                 }
+                if protocol.OWN_NOISE_EPSILON in metrics:
+                    own = float(metrics[protocol.OWN_NOISE_EPSILON])
+                    node_privacy[institution]["own_noise_epsilon"] = own
             for institution, metrics in log.evaluated.items():
                 if protocol.EPSILON in metrics and institution in node_privacy:
                     node_privacy[institution]["epsilon"] = float(metrics[protocol.EPSILON])
@@ -817,6 +829,18 @@ class FederationServer:
         return str(version.id)
 
 
+def _participation_detail(metrics: dict[str, Any]) -> str:
+    """What the compliance pages say beside a trained round's spend."""
+    notes = ["re-sent its update"] if metrics.get(protocol.RESENT) else []
+    own = _finite(metrics.get(protocol.OWN_NOISE_EPSILON))
+    if own is not None:
+        notes.append(
+            f"noise shared under secure aggregation: epsilon {own:.3g} against a server "
+            "that sees this node's update"
+        )
+    return "; ".join(notes)
+
+
 def _absorb_measurements(
     spec: FederationSpec,
     server_round: int,
@@ -826,9 +850,7 @@ def _absorb_measurements(
 ) -> list[np.ndarray]:
     """A marginals round's aggregate: the nodes' mean (all weigh the same) times their
     number and the public scale they divided by is the sum of their measurements."""
-    secagg = spec.secure_aggregation
-    scale = marginals.secagg_scale(secagg.max_weight, secagg.clipping_range)
-    sums = [np.asarray(a, dtype=np.float64) * nodes * scale for a in mean]
+    sums = marginals.from_secagg(mean, nodes, spec.secure_aggregation)
     return [a.astype(np.float32) for a in marginals.absorb(current, server_round, sums)]
 
 

@@ -465,6 +465,15 @@ def _check_node_privacy(
             raise ValueError(f"node_privacy[{node!r}]['epsilon'] must be >= 0 (inf: no DP)")
         if not 0 <= values["delta"] < 1:
             raise ValueError(f"node_privacy[{node!r}]['delta'] must be in [0, 1)")
+        # with split noise (marginals, privacy.noise = "shared"): the node's epsilon under
+        # its own share of the noise alone, beside the budget epsilon
+        own = report.get("own_noise_epsilon") if isinstance(report, Mapping) else None
+        if own is not None:
+            if isinstance(own, bool) or not isinstance(own, int | float) or not own >= 0:
+                raise ValueError(
+                    f"node_privacy[{node!r}]['own_noise_epsilon'] must be a number >= 0"
+                )
+            values["own_noise_epsilon"] = float(own)
         checked[str(node)] = values
     return checked
 
