@@ -288,6 +288,7 @@ def test_secure_aggregation_carries_integer_counts_exactly():
         ({"model": "gan"}, "privacy.noise = 'shared' needs model.kind = 'marginals'"),
         ({"secure_aggregation": False}, "needs secure_aggregation.enabled = true"),
         ({"clipping_range": 10.0}, "secure_aggregation: .* must be a power of two"),
+        ({"max_weight": 1000.5}, "max_weight must be a whole number"),
     ],
 )
 def test_a_spec_that_cannot_split_noise_safely_is_refused(change, message):
@@ -298,6 +299,7 @@ def test_a_spec_that_cannot_split_noise_safely_is_refused(change, message):
     raw["secure_aggregation"] = {
         "enabled": change.get("secure_aggregation", True),
         "clipping_range": change.get("clipping_range", 8.0),
+        "max_weight": change.get("max_weight", 1e6),
     }
     with pytest.raises(SpecError, match=message):
         parse_spec(raw, source="clinic.toml")

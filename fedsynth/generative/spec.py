@@ -252,6 +252,13 @@ class FederationSpec(_Section):
             problem = secagg.exact_counts_problem()
             if problem:
                 raise ValueError(f"secure_aggregation: {problem}")
+            if not float(secagg.max_weight).is_integer():
+                # every node sends max_weight as its FedAvg weight; a fraction would make
+                # SecAgg+ scale the counts by round(weight / max_weight * levels) / levels
+                raise ValueError(
+                    "secure_aggregation.max_weight must be a whole number with model.kind = "
+                    f"'marginals', got {secagg.max_weight:g}"
+                )
         return self
 
     @property
