@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
+
 from fedsynth.cli import _api
 from tests.http import serving
 
@@ -31,3 +33,11 @@ def csrf_field(html: str) -> str:
     found = re.search(r'name="csrf_token" value="([^"]+)"', html)
     assert found, "no csrf_token field on the page"
     return found.group(1)
+
+
+def logged_in(url: str, token: str) -> httpx.Client:
+    """A browser-like client of the dashboards at ``url``, signed in with ``token``."""
+    browser = httpx.Client(base_url=url, timeout=60)
+    form = browser.get("/dashboards/login")
+    browser.post("/dashboards/login", data={"api_key": token, "csrf_token": csrf_field(form.text)})
+    return browser

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 
-import httpx
 import numpy as np
 import pytest
 from sqlalchemy import select
@@ -30,7 +29,7 @@ from fedsynth.server.api.keys import KeyStore as ApiKeys
 from fedsynth.server.audit import AuditLog
 from fedsynth.server.records import Database, Participation, Run, database_url
 from fedsynth.server.registry import ModelRegistry
-from tests.dashboard_server import csrf_field, dashboards
+from tests.dashboard_server import dashboards, logged_in
 from tests.factories import FEDERATIONS
 from tests.test_federation import bank_nodes, make_canary_mod
 
@@ -213,11 +212,7 @@ def test_the_dashboards_show_whose_noise_protects_each_node(run):
     home, db = run["home"], run["db"]
     token = ApiKeys(db).create("admin")[1]
     with dashboards(home) as url:
-        browser = httpx.Client(base_url=url, timeout=60)
-        form = browser.get("/dashboards/login")
-        browser.post(
-            "/dashboards/login", data={"api_key": token, "csrf_token": csrf_field(form.text)}
-        )
+        browser = logged_in(url, token)
         model = browser.get(f"/dashboards/analyst/models/{run['outcome'].model_id}")
         node = browser.get("/dashboards/compliance/nodes/bank/bank-a")
     assert model.status_code == 200 and node.status_code == 200

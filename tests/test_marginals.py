@@ -34,7 +34,7 @@ from fedsynth.privacy.keys import KeyStore as SigningKeys
 from fedsynth.server.api.keys import KeyStore
 from fedsynth.server.records import Database, database_url
 from fedsynth.server.registry import ModelRegistry
-from tests.dashboard_server import csrf_field, dashboards
+from tests.dashboard_server import dashboards, logged_in
 from tests.factories import small_frame, small_spec, small_spec_dict
 
 
@@ -376,12 +376,7 @@ def test_the_api_serves_a_registered_marginal_model_with_conditions(trained, tmp
             f"/v1/models/{version.id}/samples",
             json={"n": 1500, "seed": 2, "conditions": {"smoker": True}, "format": "ndjson"},
         )
-        browser = httpx.Client(base_url=url, timeout=60)
-        form = browser.get("/dashboards/login")
-        browser.post(
-            "/dashboards/login", data={"api_key": token, "csrf_token": csrf_field(form.text)}
-        )
-        page = browser.get(f"/dashboards/analyst/models/{version.id}")
+        page = logged_in(url, token).get(f"/dashboards/analyst/models/{version.id}")
     assert page.status_code == 200 and "<dd>MARGINALS</dd>" in page.text
     assert "each node&#39;s own (holds even if the server sees its update)" in page.text
     assert [m["kind"] for m in listed if m["id"] == version.id] == ["marginals"]

@@ -106,24 +106,24 @@ class NodeSession:
         ``own_noise``, the same releases under this node's own share of the noise alone,
         against its own-noise cap. The first that fails is returned."""
         privacy = self.spec.privacy
-        budget = self.ledger.check(
-            self.federation,
-            planned,
-            cap=self.config.epsilon_cap,
-            delta=privacy.delta,
-            accountant=privacy.accountant,
-        )
-        if not budget.allowed or privacy.noise != "shared":
-            return budget
-        own = self.ledger.check(
-            self.federation,
-            own_noise,
-            cap=self.config.own_noise_cap,
-            delta=privacy.delta,
-            accountant=privacy.accountant,
-            own_noise=True,
-        )
-        return budget if own.allowed else own
+        checks = [(planned, self.config.epsilon_cap, False)]
+        if privacy.noise == "shared":
+            checks.append((own_noise, self.config.own_noise_cap, True))
+        budget: BudgetCheck | None = None
+        for releases, cap, alone in checks:
+            check = self.ledger.check(
+                self.federation,
+                releases,
+                cap=cap,
+                delta=privacy.delta,
+                accountant=privacy.accountant,
+                own_noise=alone,
+            )
+            if not check.allowed:
+                return check
+            budget = budget or check
+        assert budget is not None
+        return budget
 
     def spend(
         self,
