@@ -10,7 +10,8 @@ the table's spec, kind overridden); fedsynth-marginals (fedsynth.generative.marg
 epsilon 1, 3 and inf (no noise: what the tree itself can reach), centralised and over 3
 nodes (``-3nodes``: the 80% split non-IID by a Dirichlet(1) split of the target, each node
 measuring its own rows with its own noise, the noisy measurements summed in process as
-secure aggregation sums them; numeric columns in AIM's 20 bins). Baselines (run in
+secure aggregation sums them; ``-3nodes-shared``: the same with the noise split across the
+3 nodes, ``privacy.noise = "shared"``; numeric columns in AIM's 20 bins). Baselines (run in
 their own venv, bench/baselines/, because of their licences and pinned Opacus): sdv-ctgan
 and sdv-tvae (non-private), smartnoise-dpctgan and smartnoise-aim at epsilon 1 and 3, all
 with our delta.
@@ -56,7 +57,7 @@ DOC = REPO / "docs" / "benchmarks.md"
 BASELINE_VENV = REPO / "bench" / ".venv-baselines"
 DATASETS = ("bank", "loans", "hospital", "retail")
 OURS = ("fedsynth-gan", "fedsynth-vae")
-MARGINALS = ("fedsynth-marginals", "fedsynth-marginals-3nodes")
+MARGINALS = ("fedsynth-marginals", "fedsynth-marginals-3nodes", "fedsynth-marginals-3nodes-shared")
 BASELINES = {
     "sdv-ctgan": ("inf",),
     "sdv-tvae": ("inf",),
@@ -80,8 +81,11 @@ METRICS = (
 KIND_LEARNING_RATES = {"gan": (5e-4, 5e-4), "vae": (2e-3, 2e-3)}
 
 
-def spec_for(dataset: str, kind: str, epsilon: float) -> FederationSpec:
+def spec_for(dataset: str, kind: str, epsilon: float, *, shared: bool = False) -> FederationSpec:
+    """The table's spec with ``kind``; ``shared``: marginals noise split across 3 nodes."""
     raw = load_spec(REPO / "federations" / f"{dataset}.toml").model_dump(mode="python")
+    if shared:
+        raw["privacy"]["noise"], raw["federation"]["min_nodes"] = "shared", 3
     if kind == "marginals":
         raw["model"]["kind"], raw["privacy"]["accountant"] = kind, "rdp"
         # The same cut of numeric columns as the AIM baseline (run_baseline.py --bins,
@@ -131,10 +135,10 @@ def run_marginals(dataset: str, method: str, epsilon: float, tables: dict, repea
     """One fit and one sample; repeats differ in the noise and in the sampling seed, since
     the quality of one sample moves with a handful of rows at the edge of a column's range
     (SDMetrics cuts numeric columns at each frame's own minimum and maximum)."""
-    spec = spec_for(dataset, "marginals", epsilon)
+    spec = spec_for(dataset, "marginals", epsilon, shared=method.endswith("-shared"))
     train_rows, holdout = (validate_table(t, spec.schema) for t in tables[dataset])
     nodes = [train_rows]
-    if method.endswith("-3nodes"):
+    if "-3nodes" in method:
         assert spec.schema.target is not None
         nodes = dirichlet_split(train_rows, spec.schema.target.name, 3, alpha=1.0, seed=0)
     model = train_marginals(nodes, spec)
