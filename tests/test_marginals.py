@@ -267,6 +267,7 @@ def test_secure_aggregation_carries_integer_counts_exactly():
     rng = np.random.default_rng(3)
     limit = secagg.quantization_range // 2
     nodes = [rng.integers(-limit // 4, limit // 4, size=500) for _ in range(3)]
+    nodes[0][:2] = limit, -limit  # the ends of the range, where float32 has least to spare
     quantised = [
         quantize(
             marginals.to_secagg([c], secagg), secagg.clipping_range, secagg.quantization_range
@@ -289,6 +290,7 @@ def test_secure_aggregation_carries_integer_counts_exactly():
         ({"secure_aggregation": False}, "needs secure_aggregation.enabled = true"),
         ({"clipping_range": 10.0}, "secure_aggregation: .* must be a power of two"),
         ({"max_weight": 1000.5}, "max_weight must be a whole number"),
+        ({"quantization_range": 2**26}, "must be at most 2\\^24"),
     ],
 )
 def test_a_spec_that_cannot_split_noise_safely_is_refused(change, message):
@@ -300,6 +302,7 @@ def test_a_spec_that_cannot_split_noise_safely_is_refused(change, message):
         "enabled": change.get("secure_aggregation", True),
         "clipping_range": change.get("clipping_range", 8.0),
         "max_weight": change.get("max_weight", 1e6),
+        "quantization_range": change.get("quantization_range", 2**22),
     }
     with pytest.raises(SpecError, match=message):
         parse_spec(raw, source="clinic.toml")

@@ -702,8 +702,10 @@ def to_secagg(measured: Sequence[np.ndarray], secagg: SecureAggregationSection) 
                 "raise quantization_range. Not sent"
             )
         weights = (counts / scale).astype(np.float32)
-        steps = (weights.astype(np.float64) + secagg.clipping_range) * scale
-        if not np.array_equal(steps - secagg.quantization_range / 2, counts):
+        # Flower's pre-rounding arithmetic, in the float32 it runs in for float32 weights
+        clip = secagg.clipping_range
+        steps = (np.clip(weights, -clip, clip) + clip) * scale
+        if not np.array_equal(steps.astype(np.float64) - secagg.quantization_range / 2, counts):
             raise ValueError(
                 "secure aggregation would round these counts: "
                 f"{secagg.exact_counts_problem() or 'float error'}. Not sent"

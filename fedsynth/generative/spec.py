@@ -154,6 +154,13 @@ class SecureAggregationSection(_Section):
     def exact_counts_problem(self) -> str | None:
         """Why these settings cannot carry integer counts exactly, or None: the scale must
         be a power of two, so that count / scale and Flower's arithmetic on it are exact."""
+        if self.quantization_range > 2**24:
+            # Flower quantises float32 weights in float32: 24 bits carry 2^24 steps exactly
+            return (
+                f"quantization_range = {self.quantization_range} must be at most 2^24 "
+                "(16777216) with model.kind = 'marginals': Flower quantises in float32, "
+                "whose 24 bits carry no more steps exactly"
+            )
         scale = self.count_scale
         if scale >= 1 and math.log2(scale).is_integer():
             return None
