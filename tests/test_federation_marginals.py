@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 
+import httpx
 import numpy as np
 import pytest
 from sqlalchemy import select
@@ -206,15 +207,22 @@ def test_no_canary_value_left_a_node_and_no_update_was_plain(run):
     assert all(not any(t["content"]["arrays"].values()) for t in trains)
 
 
-def test_the_dashboards_show_whose_noise_protects_each_node(run):
-    """The analyst's model page and the compliance officer's node page both say that the
-    noise was split, and what a node's share alone is worth."""
+def test_the_api_and_dashboards_show_whose_noise_protects_each_node(run):
+    """The API's model detail, the analyst's model page and the compliance officer's node
+    page all say that the noise was split, and what a node's share alone is worth."""
     home, db = run["home"], run["db"]
     token = ApiKeys(db).create("admin")[1]
     with dashboards(home) as url:
+        detail = httpx.get(
+            f"{url}/v1/models/{run['outcome'].model_id}",
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=60,
+        ).json()
         browser = logged_in(url, token)
         model = browser.get(f"/dashboards/analyst/models/{run['outcome'].model_id}")
         node = browser.get("/dashboards/compliance/nodes/bank/bank-a")
+    assert detail["noise"]["kind"] == "shared" and detail["noise"]["split"] == 3
+    assert detail["noise"]["own_noise_epsilon"] == pytest.approx(1.8245, abs=1e-3)
     assert model.status_code == 200 and node.status_code == 200
     assert "split across 3 nodes under SecAgg+; ε 1.82 for a node whose update" in model.text
     assert "if its update is seen" in model.text

@@ -113,6 +113,13 @@ class ModelDetail(ModelSummary):
     node_privacy: dict[str, dict[str, float | None]]
     quality: dict[str, Any]
     secure_aggregation: bool | None
+    noise: dict[str, Any] | None = Field(
+        default=None,
+        description="Marginals models: whose noise protects a node ('own', or 'shared' "
+        "across 'split' nodes under secure aggregation) and 'own_noise_epsilon', what one "
+        "node's own noise alone is worth (against a server that sees its update); null "
+        "for GAN and VAE models, whose DP-SGD noise is always each node's own",
+    )
 
 
 class SampleRequest(BaseModel):
@@ -496,6 +503,16 @@ def create_app(
             node_privacy={k: dict(v) for k, v in manifest.get("node_privacy", {}).items()},
             quality=dict(model.metadata.get("quality") or {}),
             secure_aggregation=privacy.get("secure_aggregation"),
+            noise=(
+                {
+                    "kind": privacy["noise"],
+                    "split": privacy.get("noise_split", 1),
+                    "own_noise_epsilon": privacy.get("own_noise_epsilon"),
+                    "mechanism": privacy.get("mechanism"),
+                }
+                if "noise" in privacy
+                else None
+            ),
         )
 
     @app.post(
