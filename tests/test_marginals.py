@@ -309,6 +309,7 @@ def test_a_spec_that_cannot_split_noise_safely_is_refused(change, message):
 
 
 def test_shared_noise_is_never_summed_over_fewer_nodes_than_it_was_split_across():
+    """...but a single table, trained centrally, carries all the noise itself."""
     raw = small_spec_dict("marginals")
     raw["privacy"]["noise"] = "shared"
     spec = parse_spec(raw)
@@ -316,6 +317,11 @@ def test_shared_noise_is_never_summed_over_fewer_nodes_than_it_was_split_across(
     assert spec.federation.min_nodes == 3
     with pytest.raises(ValueError, match="3 nodes; 2 would leave the sum short"):
         train_marginals([frame.iloc[:200], frame.iloc[200:]], spec)
+    # one table (fedsynth train): one party adds all the noise, nothing is split
+    central = train_marginals([frame], spec)
+    assert central.metadata["privacy"]["noise"] == "own"
+    assert central.metadata["privacy"]["own_noise_epsilon"] == pytest.approx(central.epsilon)
+    assert 0.995 <= central.epsilon <= 1.0
 
 
 @pytest.fixture(scope="module")

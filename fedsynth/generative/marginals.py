@@ -223,10 +223,13 @@ def plan_measurements(
     return _plan(n_columns, float(epsilon), float(delta), int(split), int(cells))
 
 
-def plan_for_spec(spec: FederationSpec, sizes: Sequence[int]) -> MeasurementPlan:
+def plan_for_spec(
+    spec: FederationSpec, sizes: Sequence[int], *, central: bool = False
+) -> MeasurementPlan:
     """The spec's plan: noise split across ``federation.min_nodes`` when ``privacy.noise``
-    is "shared", each node's own otherwise."""
-    shared = spec.privacy.noise == "shared"
+    is "shared", each node's own otherwise. ``central``: one party measures all the rows
+    and adds all the noise, whatever the spec says about splitting it."""
+    shared = spec.privacy.noise == "shared" and not central
     return plan_measurements(
         len(sizes),
         spec.privacy.target_epsilon,
@@ -730,14 +733,16 @@ def model_from_state(
     *,
     rows: int | None = None,
     started: float | None = None,
+    central: bool = False,
 ) -> MarginalModel:
     """Fit the model to a finished state; ``nodes_per_round`` says how many nodes' noise
-    each round's sum carries (it weighs the measurements in the fit)."""
+    each round's sum carries (it weighs the measurements in the fit); ``central``: one
+    party measured all the rows (see ``plan_for_spec``)."""
     started = time.perf_counter() if started is None else started
     privacy = spec.privacy
     codec = codec_of(spec)
     sizes = domain_sizes(codec)
-    plan = plan_for_spec(spec, sizes)
+    plan = plan_for_spec(spec, sizes, central=central)
     if min(nodes_per_round) < plan.split:
         raise ValueError(
             f"a round summed {min(nodes_per_round)} node(s), fewer than the "
@@ -773,7 +778,7 @@ def model_from_state(
                 if plan.split > 1
                 else "discrete Gaussian (OpenDP), per node"
             ),
-            "noise": privacy.noise,
+            "noise": "shared" if plan.split > 1 else "own",
             "noise_split": plan.split,
             # what protects one node whose update the server sees (= epsilon unless split)
             "own_noise_epsilon": own_epsilon,
@@ -796,14 +801,16 @@ def model_from_state(
 def train_marginals(nodes: Sequence[pd.DataFrame], spec: FederationSpec) -> MarginalModel:
     """Fit the spec's marginal model to one or more typed frames, each measured as a node
     measures its own rows (its own noise), the measurements summed as secure aggregation
-    sums them: the federation's rounds in one process. One frame: centralised training."""
+    sums them: the federation's rounds in one process. One frame: centralised training, in
+    which the one party adds all the noise even if the spec would split it across nodes."""
     started = time.perf_counter()
     if not nodes:
         raise ValueError("no rows to measure")
     codec = codec_of(spec)
     sizes = domain_sizes(codec)
     codes = [column_codes(codec, frame) for frame in nodes]
-    plan = plan_for_spec(spec, sizes)
+    central = len(nodes) == 1
+    plan = plan_for_spec(spec, sizes, central=central)
     if len(nodes) < plan.split:
         raise ValueError(
             f"privacy.noise = 'shared' splits the noise across federation.min_nodes = "
@@ -815,7 +822,9 @@ def train_marginals(nodes: Sequence[pd.DataFrame], spec: FederationSpec) -> Marg
         sums = [np.sum([m[k] for m in measured], axis=0) for k in range(len(state))]
         state = absorb(state, server_round, sums)
     rows = int(sum(len(f) for f in nodes))
-    return model_from_state(spec, state, [len(nodes)] * 3, rows=rows, started=started)
+    return model_from_state(
+        spec, state, [len(nodes)] * 3, rows=rows, started=started, central=central
+    )
 
 
 def _versions() -> dict[str, str]:
