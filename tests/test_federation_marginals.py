@@ -163,10 +163,13 @@ def test_the_node_capped_below_its_own_noise_epsilon_refused_before_measuring(ru
     events = AuditLog(run["db"]).events(event_type="node_refused_budget")
     assert {e.actor for e in events} == {"bank-d"}
     assert {e.payload["measure"] for e in events} == {"own-noise epsilon"}
+    assert {(e.payload["cap"], e.payload["measure_cap"]) for e in events} == {(1.5, 1.5)}
     with run["db"].session() as s:
         refused = s.scalars(select(Participation).where(Participation.status == "refused")).all()
     assert {p.round for p in refused} == {1, 2, 3}
     assert all("above its own-noise cap 1.5" in p.detail for p in refused)
+    # the budget's figures stay on the record: nothing spent, cap 1.5
+    assert {(p.epsilon_spent, p.epsilon_cap) for p in refused} == {(0.0, 1.5)}
 
 
 def test_the_state_holds_exactly_the_sum_of_the_unmasked_measurements(run):

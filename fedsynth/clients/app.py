@@ -276,13 +276,16 @@ def query(message: Message, context: Context) -> Message:
     check = session.check(planned, own)
     if not check.allowed:
         session.refuse("train", check)
+    # SPENT and CAP are always the budget's; AFTER is what the failing check would reach
+    budget = check.measure == "epsilon"
     reply = {
         protocol.STATUS: protocol.ACCEPT if check.allowed else protocol.REFUSE,
         protocol.INSTITUTION: session.config.institution,
-        protocol.SPENT: check.spent,
+        protocol.SPENT: check.spent if budget else session.epsilon(),
         protocol.AFTER: check.after,
-        protocol.CAP: check.cap,
+        protocol.CAP: check.cap if budget else session.config.epsilon_cap,
         protocol.MEASURE: check.measure,
+        protocol.MEASURE_CAP: check.cap,
     }
     return Message(RecordDict({protocol.CONFIG: ConfigRecord(reply)}), reply_to=message)
 

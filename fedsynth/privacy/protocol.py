@@ -36,9 +36,11 @@ INSTITUTION = "institution"
 SPENT = "epsilon-spent"
 AFTER = "epsilon-after"
 CAP = "epsilon-cap"
-#: What a refusal's figures measure: "epsilon" (the budget, the default) or "own-noise
-#: epsilon" (the node's own share of split noise alone, against its own-noise cap).
+#: What a refusal's ``epsilon-after`` measures: "epsilon" (the budget, the default) or
+#: "own-noise epsilon" (the node's own share of split noise alone), and the cap it broke;
+#: ``epsilon-spent`` and ``epsilon-cap`` are always the budget's.
 MEASURE = "measure"
+MEASURE_CAP = "measure-cap"
 DETAIL = "detail"
 
 EPSILON = "epsilon"

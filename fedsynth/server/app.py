@@ -500,24 +500,23 @@ class FederationServer:
                 spent, after, cap = (
                     float(answer[key]) for key in (protocol.SPENT, protocol.AFTER, protocol.CAP)
                 )
-                # "epsilon" (the budget), or "own-noise epsilon" under split noise
+                # "epsilon" (the budget), or "own-noise epsilon" under split noise, whose
+                # cap the node names apart; spent and cap are always the budget's
                 measure = str(answer.get(protocol.MEASURE, "epsilon"))
-                budget = measure == "epsilon"
+                own = {}
+                if measure != "epsilon":
+                    limit = float(answer.get(protocol.MEASURE_CAP, cap))
+                    own = {"measure": measure, "measure_cap": limit}
                 self._turned_away(
                     server_round,
                     institution,
                     "refused",
                     "node_refused_budget",
-                    {
-                        "spent": spent,
-                        "would_reach": after,
-                        "cap": cap,
-                        **({} if budget else {"measure": measure}),
-                    },
+                    {"spent": spent, "would_reach": after, "cap": cap, **own},
                     detail=f"would reach {measure} {after:.4f}"
-                    + ("" if budget else f", above its own-noise cap {cap:g}"),
-                    epsilon=spent if budget else None,
-                    cap=cap if budget else None,
+                    + (f", above its own-noise cap {own['measure_cap']:g}" if own else ""),
+                    epsilon=spent,
+                    cap=cap,
                 )
             else:
                 detail = str(answer.get(protocol.DETAIL, "no detail"))
