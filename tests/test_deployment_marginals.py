@@ -39,6 +39,9 @@ def test_the_three_measurements_run_over_tls_and_register_a_marginal_model(deplo
     assert set(rows["default"].astype(str)) == {"Yes"}
     for node in deployment["nodes"]:
         entries = PrivacyLedger(node / "ledger.json").section("bank")["entries"]
-        assert [e["phase"] for e in entries] == list(marginals.PHASES)
+        assert [e.get("phase", e["kind"]) for e in entries] == [*marginals.PHASES, "evaluate"]
         assert entries[-1]["epsilon_after"] <= 1.0
+        # each node fitted the registered model from the state and scored it
+        assert entries[-1]["model_sha256"] == model.fitted_digest()
+    assert sorted(model.metadata["quality"]["nodes"]) == ["bank-a", "bank-b", "bank-c"]
     assert deployment["left_running"] == []

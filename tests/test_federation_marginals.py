@@ -45,7 +45,7 @@ def run(tmp_path_factory):
     text = text.replace('kind = "gan"', 'kind = "marginals"')
     spec_path.write_text(text.replace("\n[privacy]\n", '\n[privacy]\nnoise = "shared"\n'))
     # node 3's cap (1.5) covers the budget (1.0) but not its own share of the noise alone
-    # (1.82): by default the own-noise cap is the cap, so it refuses before measuring
+    # (1.76): by default the own-noise cap is the cap, so it refuses before measuring
     nodes = bank_nodes(home, last_cap=1.5)
     canary_log = home / "canary.jsonl"
     outcome = simulate(spec_path, nodes, 4, home, extra_mods=[make_canary_mod(canary_log)])
@@ -80,32 +80,64 @@ def test_the_run_registers_a_marginal_model_that_samples_with_conditions(run):
     assert rows.loc[~student, "income"].mean() > rows.loc[student, "income"].mean() + 10_000
 
 
-def test_each_ledger_holds_the_three_measurements_and_equals_a_recomputation(run):
+def test_each_ledger_holds_the_measurements_and_the_evaluation_and_equals_a_recomputation(
+    run,
+):
     spec = run["spec"]
     plan = marginals.plan_for_spec(spec, marginals.domain_sizes(codec_of(spec)))
     assert plan.split == spec.federation.min_nodes == 3
+    delta = spec.privacy.delta
     for i in range(3):
         ledger = PrivacyLedger(run["nodes"] / f"node-{i}" / "ledger.json")
         entries = ledger.section("bank")["entries"]
-        assert [(e["kind"], e["round"], e["phase"]) for e in entries] == [
-            ("train", r, phase) for r, phase in enumerate(marginals.PHASES, start=1)
+        assert [(e["kind"], e["round"], e.get("phase")) for e in entries] == [
+            *(("train", r, phase) for r, phase in enumerate(marginals.PHASES, start=1)),
+            ("evaluate", 3, None),
         ]
-        history = [tuple(h) for e in entries for h in e["history"]]
-        assert history == plan.full_history()
-        recomputed = epsilon_of(history, spec.privacy.delta, "rdp")
+        measured = [tuple(h) for e in entries[:3] for h in e["history"]]
+        assert measured == plan.full_history()
+        evaluated = [tuple(h) for h in entries[3]["history"]]
+        assert evaluated == plan.evaluation_history() and evaluated
+        # the evaluation takes privacy.evaluation_share of the zCDP budget: three releases
+        # with noise multiplier m cost 3 / (2 m^2), the measurements k / (2 sigma^2) each
+        ((m, _, k),) = evaluated
+        rho = {"evaluation": k / (2 * m**2)}
+        rho["measured"] = sum(t / (2 * s**2) for s, _, t in measured)
+        share = rho["evaluation"] / (rho["evaluation"] + rho["measured"])
+        assert share == pytest.approx(spec.privacy.evaluation_share, rel=1e-6)
+        recomputed = epsilon_of([*measured, *evaluated], delta, "rdp")
         assert recomputed == pytest.approx(entries[-1]["epsilon_after"], rel=1e-9)
         assert 0.995 * spec.privacy.target_epsilon <= recomputed <= spec.privacy.target_epsilon
         # beside the budget, what the node's own share of the noise is worth alone: each
-        # node adds 1/sqrt(3) of the noise, so against a server that sees its update it
-        # has 3 times the zCDP, well above the target
-        own = [tuple(h) for e in entries for h in e["own_noise_history"]]
+        # node adds 1/sqrt(3) of the measurements' noise, so against a server that sees its
+        # update it has about 3 times their zCDP; the evaluation is in the clear either way
+        own = [tuple(h) for e in entries[:3] for h in e["own_noise_history"]]
         assert own == plan.full_own_noise_history()
         assert [s for s, _, _ in own] == [
-            pytest.approx(s / math.sqrt(3), rel=1e-9) for s, _, _ in history
+            pytest.approx(s / math.sqrt(3), rel=1e-9) for s, _, _ in measured
         ]
-        own_epsilon = epsilon_of(own, spec.privacy.delta, "rdp")
-        assert own_epsilon == pytest.approx(entries[-1]["own_noise_epsilon_after"], rel=1e-9)
+        own_epsilon = epsilon_of([*own, *evaluated], delta, "rdp")
+        assert own_epsilon == pytest.approx(ledger.own_noise_epsilon("bank", delta, "rdp"))
         assert own_epsilon > 1.5 * recomputed
+
+
+def test_each_node_scored_the_registered_model_and_the_registry_holds_the_scores(run):
+    """The evaluation after round 3: every node fitted the same model from the state as the
+    server registered (same digest), and released noisy sums whose ratios are its scores."""
+    home = run["home"]
+    registry = ModelRegistry(home / "registry", KeyStore(home / "keys"), run["db"])
+    model = registry.load(run["outcome"].model_id)
+    quality = model.metadata["quality"]
+    assert sorted(quality["nodes"]) == ["bank-a", "bank-b", "bank-c"]
+    assert "scored_another_model" not in quality
+    for scores in quality["nodes"].values():
+        # a faithful model: column shapes near 1, each with the deviation of its noise
+        assert 0.8 < scores["column_shapes"] <= 1.0 and 0 < scores["column_shapes_sd"] < 0.05
+        assert 0.0 <= scores["dcr_mean"] < 0.2 and 0 < scores["dcr_mean_sd"] < 0.05
+    for i in range(3):
+        ledger = PrivacyLedger(run["nodes"] / f"node-{i}" / "ledger.json")
+        (evaluation,) = [e for e in ledger.section("bank")["entries"] if e["kind"] == "evaluate"]
+        assert evaluation["model_sha256"] == model.fitted_digest()
 
 
 def test_each_node_added_its_share_of_the_noise_and_the_model_says_so(run):
@@ -117,7 +149,11 @@ def test_each_node_added_its_share_of_the_noise_and_the_model_says_so(run):
     sizes = marginals.domain_sizes(codec)
     plan = marginals.plan_for_spec(spec, sizes)
     ledger_path = run["nodes"] / "node-1" / "ledger.json"
-    (entry,) = [e for e in PrivacyLedger(ledger_path).section("bank")["entries"] if e["round"] == 3]
+    (entry,) = [
+        e
+        for e in PrivacyLedger(ledger_path).section("bank")["entries"]
+        if e["round"] == 3 and e["kind"] == "train"
+    ]
     arrays = ReleaseStore(ledger_path).load(
         "bank", entry["run_key"], 3, "train", entry["update_sha256"]
     )
@@ -158,7 +194,7 @@ def test_the_node_capped_below_its_own_noise_epsilon_refused_before_measuring(ru
     assert section["entries"] == [] and section["refusals"]
     assert {r["measure"] for r in section["refusals"]} == {"own-noise epsilon"}
     # round 1 plans all three measurements, later rounds only those still to come
-    assert 1.75 < section["refusals"][0]["would_reach"] < 1.9
+    assert 1.7 < section["refusals"][0]["would_reach"] < 1.85
     assert all(r["would_reach"] > r["cap"] == 1.5 for r in section["refusals"])
     events = AuditLog(run["db"]).events(event_type="node_refused_budget")
     assert {e.actor for e in events} == {"bank-d"}
@@ -187,7 +223,9 @@ def test_the_state_holds_exactly_the_sum_of_the_unmasked_measurements(run):
     for i in range(3):
         ledger_path = run["nodes"] / f"node-{i}" / "ledger.json"
         (entry,) = [
-            e for e in PrivacyLedger(ledger_path).section("bank")["entries"] if e["round"] == 3
+            e
+            for e in PrivacyLedger(ledger_path).section("bank")["entries"]
+            if e["round"] == 3 and e["kind"] == "train"
         ]
         arrays = ReleaseStore(ledger_path).load(
             "bank", entry["run_key"], 3, "train", entry["update_sha256"]
@@ -202,7 +240,7 @@ def test_the_state_holds_exactly_the_sum_of_the_unmasked_measurements(run):
 
 def test_no_canary_value_left_a_node_and_no_update_was_plain(run):
     lines = [json.loads(line) for line in run["canary"].read_text().splitlines()]
-    assert {line["type"] for line in lines} == {"query", "train"}
+    assert {line["type"] for line in lines} == {"query", "train", "evaluate"}
     assert [line for line in lines if line["leaks"]] == []
     outbox = (run["nodes"] / "node-0" / "outbox.jsonl").read_text().splitlines()
     trains = [json.loads(line) for line in outbox if '"train"' in line]
@@ -225,8 +263,8 @@ def test_the_api_and_dashboards_show_whose_noise_protects_each_node(run):
         model = browser.get(f"/dashboards/analyst/models/{run['outcome'].model_id}")
         node = browser.get("/dashboards/compliance/nodes/bank/bank-a")
     assert detail["noise"]["kind"] == "shared" and detail["noise"]["split"] == 3
-    assert detail["noise"]["own_noise_epsilon"] == pytest.approx(1.8245, abs=1e-3)
+    assert detail["noise"]["own_noise_epsilon"] == pytest.approx(1.7579, abs=1e-3)
     assert model.status_code == 200 and node.status_code == 200
-    assert "split across 3 nodes under SecAgg+; ε 1.82 for a node whose update" in model.text
+    assert "split across 3 nodes under SecAgg+; ε 1.76 for a node whose update" in model.text
     assert "if its update is seen" in model.text
     assert node.text.count("against a server that sees this node&#39;s update") == 3

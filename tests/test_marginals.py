@@ -350,6 +350,44 @@ def test_a_federated_fit_spends_its_target_and_samples_valid_rows(trained, tmp_p
     assert codes.shape == (len(frame), len(model.codec.columns))
 
 
+def test_the_evaluation_sums_move_by_at_most_their_declared_sensitivity(trained):
+    """Remove any one row: every released sum moves by at most its sensitivity, on a
+    table with nullable columns; so the noise the plan scales by it is enough."""
+    _, frame, model = trained
+    rows = frame.iloc[:300].copy()
+    rows.loc[rows.index[5:], "cost"] = None  # a nullable column almost all null
+    full = marginals.evaluation_sums(model, rows, seed=3)
+    assert full["rows"] == 300 and full["column_shapes"] > 200
+    worst = dict.fromkeys(full, 0)
+    for i in [*range(10), *range(10, 300, 7)]:
+        fewer = marginals.evaluation_sums(model, rows.drop(rows.index[i]), seed=3)
+        for name in full:
+            worst[name] = max(worst[name], abs(full[name] - fewer[name]))
+    assert worst["rows"] == 1
+    for name, sensitivity in marginals.EVALUATION_RELEASES.items():
+        assert worst[name] <= sensitivity, (name, worst)
+
+
+def test_the_evaluation_release_is_noisy_ratios_with_their_deviation(trained):
+    spec, frame, model = trained
+    plan = marginals.plan_measurements(
+        len(model.sizes), 1.0, spec.privacy.delta, cells=64, evaluation_share=0.1
+    )
+    assert plan.sigma_evaluation > 0
+    scores, history = marginals.evaluation_release(model, frame.iloc[:2000], plan, seed=1)
+    assert history == [(plan.sigma_evaluation, 1.0, 3)]
+    exact = marginals.evaluation_sums(model, frame.iloc[:2000], seed=1)
+    # the noise: a few dozen on sums of about 2000, so the ratios stay near the exact ones
+    assert scores["column_shapes"] == pytest.approx(exact["column_shapes"] / 2000, abs=0.1)
+    assert scores["column_shapes_sd"] == pytest.approx(2 * plan.sigma_evaluation / 2000, rel=0.2)
+    assert scores["dcr_mean_sd"] == pytest.approx(scores["column_shapes_sd"] / 2)
+    # without DP: the exact ratios and nothing spent
+    free = marginals.MeasurementPlan(len(model.sizes), 0.0, 0.0, 0.0)
+    scores, history = marginals.evaluation_release(model, frame.iloc[:2000], free, seed=1)
+    assert history == [] and "column_shapes_sd" not in scores
+    assert scores["column_shapes"] == exact["column_shapes"] / 2000
+
+
 def test_the_artifact_round_trips_and_samples_the_same_rows(trained, tmp_path):
     _, _, model = trained
     model.save(tmp_path / "m")

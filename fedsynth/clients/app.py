@@ -14,8 +14,10 @@ columns dropped), open the node's ledger:
 
 A ``marginals`` federation (fedsynth.generative.marginals) uses the same handlers: its
 three rounds are measurements instead of DP-SGD steps. ``train`` receives the public state
-(the sums so far), measures its own rows with its own discrete Gaussian noise, records the
-spend and replies with the measurement in the same legacy format, so SecAgg+ sums it.
+(the sums so far), measures its own rows with discrete Gaussian noise (all of it, or its
+share when the spec splits it), records the spend and replies with the measurement in the
+same legacy format, so SecAgg+ sums it; ``evaluate``, after round 3, fits the model from
+the finished state and releases noisy sums of its scores (``_score_marginals``).
 
 A round asked again under the same run key (the server's run resumed after a crash, see
 ``fedsynth.server.app``) is not trained again: the node re-sends what it released the
@@ -479,30 +481,14 @@ def evaluate(message: Message, context: Context) -> Message:
     session = open_session(context, dict(evalins.config))
     metrics: dict[str, Scalar] = {protocol.INSTITUTION: session.config.institution}
     plan = session.plan
-    if not isinstance(plan, rounds.NodePlan):  # a marginals federation has no evaluation
-        metrics[protocol.STATUS] = protocol.REFUSE
-        res = EvaluateRes(Status(Code.OK, "no evaluation rounds"), 0.0, 0, metrics)
-        return Message(compat.evaluateres_to_recorddict(res), reply_to=message)
+    if not isinstance(plan, rounds.NodePlan):
+        return _score_marginals(message, evalins, session, metrics)
     model = rounds.initial_model(session.spec)
     arrays = rounds.unpack(to_arrays(evalins.parameters), rounds.layout(model))
     model_digest = digest(arrays)  # in get_arrays' layout, as the registry's checkpoints
     earlier = session.released("evaluate")
     if earlier is not None:
-        # Scored already in this run and round: the same scores again (no new cost), and
-        # only for the model they were computed on.
-        same = earlier.get("input_sha256") == model_digest and "values" in earlier
-        if same:
-            metrics.update({k: float(v) for k, v in earlier["values"].items()})
-            metrics[protocol.EPSILON] = (
-                session.epsilon() if session.spec.privacy.is_private else float("inf")
-            )
-        metrics[protocol.STATUS] = protocol.ACCEPT if same else protocol.REFUSE
-        metrics[protocol.RESENT] = int(same)
-        loss = 1.0 - float(metrics.get("column_shapes", 0.0)) if same else 0.0
-        res = EvaluateRes(
-            Status(Code.OK, "resent" if same else "no scores"), loss, int(same), metrics
-        )
-        return Message(compat.evaluateres_to_recorddict(res), reply_to=message)
+        return _resend_scores(message, session, earlier, model_digest, metrics)
     counts = session.released_counts()
     planned = plan.evaluation_history(len(rounds.EVALUATION_SCORES))
     check = session.check(planned)
@@ -530,6 +516,79 @@ def evaluate(message: Message, context: Context) -> Message:
     metrics[protocol.RESENT] = 0
     loss = 1.0 - scores.get("column_shapes", 0.0)
     res = EvaluateRes(Status(Code.OK, "ok"), loss, 1, metrics)
+    return Message(compat.evaluateres_to_recorddict(res), reply_to=message)
+
+
+def _resend_scores(
+    message: Message,
+    session: NodeSession,
+    earlier: dict[str, Any],
+    input_digest: str,
+    metrics: dict[str, Scalar],
+) -> Message:
+    """Scored already in this run and round: the same scores again (no new cost), and only
+    for the model (or marginals state) they were computed on."""
+    same = earlier.get("input_sha256") == input_digest and "values" in earlier
+    if same:
+        metrics.update({k: float(v) for k, v in earlier["values"].items()})
+        metrics[protocol.EPSILON] = (
+            session.epsilon() if session.spec.privacy.is_private else float("inf")
+        )
+    metrics[protocol.STATUS] = protocol.ACCEPT if same else protocol.REFUSE
+    metrics[protocol.RESENT] = int(same)
+    loss = 1.0 - float(metrics.get("column_shapes", 0.0)) if same else 0.0
+    res = EvaluateRes(Status(Code.OK, "resent" if same else "no scores"), loss, int(same), metrics)
+    return Message(compat.evaluateres_to_recorddict(res), reply_to=message)
+
+
+def _score_marginals(
+    message: Message, evalins: Any, session: NodeSession, metrics: dict[str, Scalar]
+) -> Message:
+    """A marginals federation's evaluation, after its last measurement: fit the model from
+    the public state exactly as the server does (``model_from_state``, with the number of
+    nodes each round summed), score it on this node's rows and release the noisy sums
+    (``marginals.evaluation_release``), spent before they leave."""
+    from fedsynth.generative import marginals, rounds
+    from fedsynth.generative.codec import codec_of
+
+    spec, plan = session.spec, session.plan
+    assert isinstance(plan, marginals.NodeRoundPlan)
+    sizes = marginals.domain_sizes(codec_of(spec))
+    state = rounds.unpack(to_arrays(evalins.parameters), marginals.state_layout(sizes))
+    state_digest = digest(state)
+    earlier = session.released("evaluate")
+    if earlier is not None:
+        return _resend_scores(message, session, earlier, state_digest, metrics)
+    planned = plan.plan.evaluation_history()
+    check = session.check(planned, planned)
+    if not check.allowed or (spec.privacy.is_private and not planned):
+        if not check.allowed:
+            session.refuse("evaluate", check)
+        metrics[protocol.STATUS] = protocol.REFUSE
+        res = EvaluateRes(Status(Code.OK, "no scores"), 0.0, 0, metrics)
+        return Message(compat.evaluateres_to_recorddict(res), reply_to=message)
+    nodes = [int(n) for n in json.loads(str(evalins.config[protocol.NODES_PER_ROUND]))]
+    model = marginals.model_from_state(spec, state, nodes)
+    scores, history = marginals.evaluation_release(
+        model, session.rows, plan.plan, seed=session.seed("evaluate")
+    )
+    fitted = model.fitted_digest()
+    epsilon = session.spend(
+        "evaluate",
+        history,
+        scores=sorted(scores),
+        values=scores,
+        input_sha256=state_digest,
+        model_sha256=fitted,
+    )
+    metrics.update(scores)
+    metrics[protocol.EPSILON] = epsilon if spec.privacy.is_private else float("inf")
+    metrics[protocol.MODEL_SHA256] = fitted
+    if spec.privacy.noise == "shared":
+        metrics[protocol.OWN_NOISE_EPSILON] = session.own_noise_epsilon()
+    metrics[protocol.STATUS] = protocol.ACCEPT
+    metrics[protocol.RESENT] = 0
+    res = EvaluateRes(Status(Code.OK, "ok"), 1.0 - scores.get("column_shapes", 0.0), 1, metrics)
     return Message(compat.evaluateres_to_recorddict(res), reply_to=message)
 
 

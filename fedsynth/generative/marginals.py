@@ -16,6 +16,9 @@ the nodes of a federation (one node when trained centrally):
    Gaussian mechanism instead of the exponential one so that nodes' scores can be summed).
 3. ``two_way``: the histograms of the tree's pairs.
 
+Then, with ``privacy.evaluation_share`` > 0, each node fits the same model from the finished
+state and releases noisy sums that score it on its rows (:func:`evaluation_release`).
+
 mbi (private-pgm's estimator) fits a Markov random field to all measurements. The model
 stores the fitted one- and two-way marginals of the tree (less the estimator's residue:
 cells expected to hold under one row) and samples from them with its own
@@ -58,6 +61,7 @@ Whose noise. ``privacy.noise`` says which of two threat models a federation take
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -85,6 +89,9 @@ PHASES = tuple(SHARES)
 SCORE_SENSITIVITY = 2
 #: Mirror-descent iterations of the fit.
 FIT_ITERATIONS = 1500
+#: What a node releases when it scores the fitted model (``evaluation_release``), each an
+#: integer sum over its rows with this sensitivity (add or remove one row).
+EVALUATION_RELEASES = {"rows": 1, "column_shapes": 2, "dcr_mean": 1}
 #: A fitted cell expected to hold fewer rows than this is the estimator's residue, not data:
 #: the fitted marginals drop it (post-processing; see ``_without_residue``).
 RESIDUE_ROWS = 1.0
@@ -129,6 +136,9 @@ class MeasurementPlan:
     sigma_two_way: float  # per histogram cell
     split: int = 1  # nodes the noise is split across (1: each node adds all of it)
     cells: int = 0  # largest vector one mechanism adds noise to (bounds tau's d)
+    # noise multiplier of each node's evaluation releases (0: no evaluation); the noise
+    # added is this times each release's sensitivity (EVALUATION_RELEASES)
+    sigma_evaluation: float = 0.0
 
     @property
     def n_pairs(self) -> int:
@@ -169,6 +179,20 @@ class MeasurementPlan:
 
     def full_own_noise_history(self) -> list[tuple[float, float, int]]:
         return [e for phase in PHASES for e in self.own_noise_history(phase)]
+
+    def evaluation_history(self) -> list[tuple[float, float, int]]:
+        """The evaluation's releases (in the clear, so the same under either noise model)."""
+        if self.sigma_evaluation <= 0:
+            return []
+        return [(self.sigma_evaluation, 1.0, len(EVALUATION_RELEASES))]
+
+    def total_history(self) -> list[tuple[float, float, int]]:
+        """Everything a node of the federation releases: the measurements and the
+        evaluation; this is what the plan calibrates to the target."""
+        return [*self.full_history(), *self.evaluation_history()]
+
+    def total_own_noise_history(self) -> list[tuple[float, float, int]]:
+        return [*self.full_own_noise_history(), *self.evaluation_history()]
 
     @property
     def sigmas(self) -> dict[str, float]:
@@ -211,16 +235,28 @@ def distributed_multiplier(sigma: float, sensitivity: int, nodes: int, cells: in
 
 
 def plan_measurements(
-    n_columns: int, epsilon: float, delta: float, *, split: int = 1, cells: int = 0
+    n_columns: int,
+    epsilon: float,
+    delta: float,
+    *,
+    split: int = 1,
+    cells: int = 0,
+    evaluation_share: float = 0.0,
 ) -> MeasurementPlan:
-    """The noise that makes the three measurements together cost ``epsilon`` (at ``delta``,
-    RDP accountant); no noise for epsilon = inf. ``split`` > 1 plans noise shared across
-    that many nodes, ``cells`` being the largest vector one mechanism measures."""
+    """The noise that makes the three measurements (and the evaluation, if any) together
+    cost ``epsilon`` (at ``delta``, RDP accountant); no noise for epsilon = inf. ``split``
+    > 1 plans noise shared across that many nodes, ``cells`` being the largest vector one
+    mechanism measures; ``evaluation_share`` > 0 plans an evaluation that takes that share
+    of the zCDP budget (rho), as the measurements take theirs (``SHARES``, of the rest).
+    (GAN and VAE spend ``privacy.evaluation_share`` of epsilon on their scores alone; the
+    RDP accountant this kind needs cannot certify an epsilon below about 0.2 at delta 1e-5,
+    so at epsilon 1 that reading would leave no plan.)"""
     if n_columns < 1:
         raise ValueError("a marginal model needs at least one column")
     if math.isinf(epsilon):
         return MeasurementPlan(n_columns, 0.0, 0.0, 0.0, split, cells)
-    return _plan(n_columns, float(epsilon), float(delta), int(split), int(cells))
+    share = float(evaluation_share)
+    return _plan(n_columns, float(epsilon), float(delta), int(split), int(cells), share)
 
 
 def plan_for_spec(
@@ -236,6 +272,7 @@ def plan_for_spec(
         spec.privacy.delta,
         split=spec.federation.min_nodes if shared else 1,
         cells=largest_measurement(sizes),
+        evaluation_share=0.0 if central else spec.privacy.evaluation_share,
     )
 
 
@@ -247,18 +284,24 @@ def largest_measurement(sizes: Sequence[int]) -> int:
 
 
 @functools.lru_cache(maxsize=64)
-def _plan(n_columns: int, epsilon: float, delta: float, split: int, cells: int) -> MeasurementPlan:
-    def plan_for(rho: float) -> MeasurementPlan:
+def _plan(
+    n_columns: int, epsilon: float, delta: float, split: int, cells: int, evaluation: float
+) -> MeasurementPlan:
+    def plan_for(total: float) -> MeasurementPlan:
         # a phase of k Gaussian mechanisms with sensitivity s and noise sigma costs
-        # k s^2 / (2 sigma^2) zCDP (tau, if any, is in the history that spent() checks)
+        # k s^2 / (2 sigma^2) zCDP (tau, if any, is in the history that spent() checks);
+        # the evaluation takes its share of the total, the measurements the rest
+        rho = (1 - evaluation) * total
         pairs = n_columns * (n_columns - 1) // 2
         one = math.sqrt(n_columns / (2 * SHARES["one_way"] * rho))
         scores = SCORE_SENSITIVITY * math.sqrt(max(pairs, 1) / (2 * SHARES["scores"] * rho))
         two = math.sqrt(max(n_columns - 1, 1) / (2 * SHARES["two_way"] * rho))
-        return MeasurementPlan(n_columns, one, scores, two, split, cells)
+        releases = len(EVALUATION_RELEASES)
+        scored = math.sqrt(releases / (2 * evaluation * total)) if evaluation > 0 else 0.0
+        return MeasurementPlan(n_columns, one, scores, two, split, cells, scored)
 
     def spent(rho: float) -> float:
-        return epsilon_of(plan_for(rho).full_history(), delta, "rdp")
+        return epsilon_of(plan_for(rho).total_history(), delta, "rdp")
 
     # rho-zCDP gives epsilon = rho + 2 sqrt(rho log(1/delta)): a bracket for the search
     lo, hi = 1e-9, max(epsilon, 1e-3)
@@ -480,6 +523,17 @@ class MarginalModel(SynthModel):
             out[f"two_way.{i}.{j}"] = torch.from_numpy(p.copy())
         return out
 
+    def fitted_digest(self) -> str:
+        """SHA-256 of the fitted marginals (names, dtypes, shapes, bytes): a node that fits
+        the model from the federation's state reports it with its scores, and the server
+        checks it against the model it registers."""
+        h = hashlib.sha256()
+        for name, tensor in sorted(self.tensors().items()):
+            values = np.ascontiguousarray(tensor.numpy())
+            h.update(f"{name}:{values.dtype.str}{values.shape};".encode())
+            h.update(values.tobytes())
+        return h.hexdigest()
+
     @classmethod
     def from_tensors(
         cls, schema: Schema, codec: Codec, tensors: Mapping[str, torch.Tensor], meta: dict
@@ -677,10 +731,15 @@ class NodeRoundPlan:
         return self.plan.own_noise_history(self.phase)
 
     def round_history(self) -> list[tuple[float, float, int]]:
-        return [e for phase in PHASES[self.round - 1 :] for e in self.plan.history(phase)]
+        """This round's measurement and every later release, the evaluation included."""
+        later = [e for phase in PHASES[self.round - 1 :] for e in self.plan.history(phase)]
+        return [*later, *self.plan.evaluation_history()]
 
     def own_noise_round_history(self) -> list[tuple[float, float, int]]:
-        return [e for phase in PHASES[self.round - 1 :] for e in self.plan.own_noise_history(phase)]
+        later = [
+            e for phase in PHASES[self.round - 1 :] for e in self.plan.own_noise_history(phase)
+        ]
+        return [*later, *self.plan.evaluation_history()]
 
     def release_history(self) -> list[tuple[float, float, int]]:
         return []
@@ -725,6 +784,60 @@ def from_secagg(
     return [np.rint(np.asarray(a, dtype=np.float64) * nodes * secagg.count_scale) for a in mean]
 
 
+# ---------------------------------------------------------------------- evaluation
+def evaluation_sums(model: MarginalModel, frame: pd.DataFrame, *, seed: int) -> dict[str, int]:
+    """The exact integer sums a node releases when it scores ``model`` on its rows (see
+    :func:`evaluation_release`): its row count, n times the released column shapes, and
+    the sum of each row's distance to its closest synthetic row, floored."""
+    from fedsynth.generative.rounds import EVALUATION_ROWS, release_shapes, row_dcr
+
+    synthetic = model.sample(EVALUATION_ROWS, seed=seed)
+    n = len(frame)
+    sums = {
+        "rows": n,
+        "column_shapes": math.floor(n * release_shapes(frame, synthetic, model.schema)),
+    }
+    distances = row_dcr(frame, synthetic, model.schema)
+    if distances is not None:
+        sums["dcr_mean"] = math.floor(float(distances.sum()))
+    return sums
+
+
+def evaluation_release(
+    model: MarginalModel, frame: pd.DataFrame, plan: MeasurementPlan, *, seed: int
+) -> tuple[dict[str, float], list[tuple[float, float, int]]]:
+    """The fitted model scored on this node's rows, as integer sums released with OpenDP's
+    discrete Gaussian noise, and the accountant entries they cost.
+
+    GAN and VAE nodes release averages, whose sensitivity 1/n they bound with their
+    released row counts. A marginals node has released no count of its own in the clear
+    (with shared noise its round-1 counts are hidden in the SecAgg+ sum), so it releases
+    sums instead, whose sensitivity does not depend on n (``EVALUATION_RELEASES``): its
+    row count (1); n times the released column shapes (``rounds.release_shapes`` moves by
+    at most 1/n, so n times it by at most 2); and the sum of each row's distance to its
+    closest synthetic row (``rounds.row_dcr``, each in [0, 1]: 1). Flooring keeps an
+    integer sensitivity. The scores are then ratios of released values, each reported with
+    an approximate standard deviation (its noise over the noisy row count); without DP,
+    exact values and no entries.
+    """
+    sums = evaluation_sums(model, frame, seed=seed)
+    multiplier = plan.sigma_evaluation
+    noisy = dict(sums)
+    if multiplier > 0:
+        for name, value in sums.items():
+            sensitivity = EVALUATION_RELEASES[name]
+            noise = multiplier * sensitivity
+            noisy[name] = int(discrete_gaussian(np.array([value]), noise, sensitivity)[0])
+    rows = max(float(noisy["rows"]), 1.0)
+    scores: dict[str, float] = {}
+    for name in ("column_shapes", "dcr_mean"):
+        if name in noisy:
+            scores[name] = float(np.clip(noisy[name] / rows, 0.0, 1.0))
+            if multiplier > 0:
+                scores[f"{name}_sd"] = multiplier * EVALUATION_RELEASES[name] / rows
+    return scores, plan.evaluation_history()
+
+
 # ---------------------------------------------------------------------- training
 def model_from_state(
     spec: FederationSpec,
@@ -757,7 +870,7 @@ def model_from_state(
         std_one_way=plan.sum_std("one_way", nodes_per_round[0]),
         std_two_way=plan.sum_std("two_way", nodes_per_round[2]),
     )
-    history, own = plan.full_history(), plan.full_own_noise_history()
+    history, own = plan.total_history(), plan.total_own_noise_history()
     epsilon: float | str = epsilon_of(history, privacy.delta, "rdp") if history else "inf"
     own_epsilon: float | str = epsilon_of(own, privacy.delta, "rdp") if own else "inf"
     metadata = {

@@ -345,6 +345,19 @@ def train_round(
     return run
 
 
+def row_dcr(real: pd.DataFrame, synthetic: pd.DataFrame, schema: Schema) -> np.ndarray | None:
+    """Each real row's Gower distance (in [0, 1], over the declared bounds) to its closest
+    synthetic row; None for a schema with no modelled column. A row's distance depends on
+    that row and the synthetic sample only, so a sum over rows moves by at most 1 when a
+    row is added or removed."""
+    real_emb, synth_emb = _gower_embedding(
+        [_columns(real, schema, "node rows"), _columns(synthetic, schema, "synthetic")], schema
+    )
+    if not real_emb.shape[1]:
+        return None
+    return np.clip(_nearest(synth_emb, real_emb) / len(schema.modelled), 0.0, 1.0)
+
+
 def release_shapes(real: pd.DataFrame, synthetic: pd.DataFrame, schema: Schema) -> float:
     """Column shapes as a node releases them: mean over columns of 1 - KS (numeric and
     datetime) or 1 - TV (categorical and boolean), with null counted as a value and each
@@ -420,12 +433,9 @@ def evaluation_scores(
         if auc is not None and len(counts) == 2:
             smaller = min(counts) - COUNT_MARGIN * plan.marginal_sigma
             exact["tstr_auc"] = (auc, 1.0 / max(1.0, smaller))
-        real_emb, synth_emb = _gower_embedding(
-            [real, _columns(synthetic, schema, "synthetic")], schema
-        )
-        if real_emb.shape[1]:
-            distances = _nearest(synth_emb, real_emb) / len(schema.modelled)
-            exact["dcr_mean"] = (float(np.clip(distances, 0.0, 1.0).mean()), 1.0 / n_public)
+        distances = row_dcr(real, synthetic, schema)
+        if distances is not None:
+            exact["dcr_mean"] = (float(distances.mean()), 1.0 / n_public)
         if plan.evaluation_sigma <= 0:
             return {k: v for k, (v, _) in exact.items()}, []
         rng = np.random.default_rng(seed)

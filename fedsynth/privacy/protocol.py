@@ -24,6 +24,8 @@ RUN = "run-id"
 #: The server's run across restarts (32 hex digits): a node's ledger keys its releases by
 #: it, so a round asked again after a restart is re-sent, not spent twice.
 RUN_KEY = "run-key"
+#: In evaluation messages: how many nodes each round's aggregate summed (JSON list).
+NODES_PER_ROUND = "nodes-per-round"
 ROUND = "round"
 ACTION = "action"
 BUDGET = "budget"
@@ -51,6 +53,9 @@ DELTA = "delta"
 STEPS = "steps"
 NOISE = "noise-multiplier"
 CLIPPED = "max-abs-weight"
+#: A marginals node's evaluation: the digest of the model it fitted from the state and
+#: scored (the server checks it against the model it registers).
+MODEL_SHA256 = "model-sha256"
 RESENT = "resent"  # 1: the node re-sent what it released earlier in this run and round
 
 

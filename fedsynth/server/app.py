@@ -17,7 +17,8 @@ the model does not advance, the run is marked failed, and the exception propagat
 A ``marginals`` federation runs the same loop for its three measurement rounds
 (``fedsynth.generative.marginals``): the "global arrays" are the public state (the sums
 measured so far), the strategy puts each round's sum into it instead of averaging a model,
-there are no evaluation rounds, and the model is fitted and registered after round 3.
+and after round 3 (with ``privacy.evaluation_share`` > 0) the nodes score the model they fit
+from the finished state, as the server fits and registers it (their digests must match).
 
 Resuming a run. Flower gives every ``flwr run`` a new run id, and a SuperLink restarted
 after a crash forgets the runs it was executing; so a run that should survive a crash is
@@ -369,7 +370,11 @@ class FederationServer:
             min_nodes=spec.federation.min_nodes,
             secure=secure,
             message_config=message_config,
-            evaluation_rounds=[] if is_marginals else spec.federation.evaluation_rounds(),
+            evaluation_rounds=(
+                ([len(marginals.PHASES)] if spec.privacy.evaluation_share > 0 else [])
+                if is_marginals
+                else spec.federation.evaluation_rounds()
+            ),
             server_step=None if is_marginals else functools.partial(rounds.server_step, spec),
             layout=layout,
             combine=functools.partial(_absorb_measurements, spec) if is_marginals else None,
@@ -757,6 +762,10 @@ class FederationServer:
         else:
             model = rounds.initial_model(spec)
             rounds.set_arrays(model, arrays)
+        fitted_digest = (
+            model.fitted_digest() if isinstance(model, marginals.MarginalModel) else None
+        )
+        mismatched: list[str] = []
         # Each node's latest report is its total (the ledger composes all its releases).
         node_privacy: dict[str, dict[str, float]] = {}
         participants: set[str] = set()
@@ -775,6 +784,15 @@ class FederationServer:
             for institution, metrics in log.evaluated.items():
                 if protocol.EPSILON in metrics and institution in node_privacy:
                     node_privacy[institution]["epsilon"] = float(metrics[protocol.EPSILON])
+                if protocol.OWN_NOISE_EPSILON in metrics and institution in node_privacy:
+                    own = float(metrics[protocol.OWN_NOISE_EPSILON])
+                    node_privacy[institution]["own_noise_epsilon"] = own
+                scored = metrics.get(protocol.MODEL_SHA256)
+                if scored is not None and scored != fitted_digest:
+                    # fitted from the same state by the same code, but not the same model:
+                    # its scores are of another model, so they are not this one's quality
+                    mismatched.append(institution)
+                    continue
                 scores = {
                     k: float(v)
                     for k, v in metrics.items()
@@ -802,7 +820,11 @@ class FederationServer:
             for name in rounds.EVALUATION_SCORES
             if any(name in q for q in quality.values())
         }
-        model.metadata["quality"] = {"nodes": quality, "mean": mean_quality}
+        model.metadata["quality"] = {
+            "nodes": quality,
+            "mean": mean_quality,
+            **({"scored_another_model": sorted(mismatched)} if mismatched else {}),
+        }
         version = self.registry.register(
             model,
             federation=spec.federation.name,

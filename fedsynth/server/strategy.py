@@ -11,6 +11,7 @@ for the server's records.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -155,7 +156,11 @@ class FederationStrategy(FedAvg):
         if server_round not in self.evaluation_rounds:
             return []  # each evaluation costs the nodes budget: only the planned rounds
         clients = self._eligible(client_manager)
-        return [(c, EvaluateIns(parameters, self._config(server_round))) for c in clients]
+        # how many nodes each round summed: a marginals node fits the model from the state
+        # with it (the measurements' noise grows with the nodes in each sum)
+        summed = [len(self.rounds[r].fitted) for r in sorted(self.rounds) if r <= server_round]
+        config = {**self._config(server_round), protocol.NODES_PER_ROUND: json.dumps(summed)}
+        return [(c, EvaluateIns(parameters, config)) for c in clients]
 
     def aggregate_evaluate(
         self, server_round: int, results: list, failures: list
