@@ -112,7 +112,7 @@ def test_each_ledger_holds_the_measurements_and_the_evaluation_and_equals_a_reco
         # node adds 1/sqrt(3) of the measurements' noise, so against a server that sees its
         # update it has about 3 times their zCDP; the evaluation is in the clear either way
         own = [tuple(h) for e in entries[:3] for h in e["own_noise_history"]]
-        assert own == plan.full_own_noise_history()
+        assert own == plan.full_history(own_noise=True)
         assert [s for s, _, _ in own] == [
             pytest.approx(s / math.sqrt(3), rel=1e-9) for s, _, _ in measured
         ]

@@ -243,7 +243,7 @@ def test_split_noise_is_accounted_by_the_distributed_discrete_gaussian_bound(eps
         assert split.node_sigma(phase) == pytest.approx(split.sigmas[phase] / math.sqrt(3))
         assert own.node_sigma(phase) == own.sigmas[phase]
     # what one node's share alone is worth: three times the zCDP of the sum
-    alone = epsilon_of(split.full_own_noise_history(), delta, "rdp")
+    alone = epsilon_of(split.full_history(own_noise=True), delta, "rdp")
     if epsilon == 1.0:
         # tau is far below float resolution at these scales: the sum's noise is the
         # central plan's, and the node's own share costs about 1.8 against the target 1
@@ -253,7 +253,7 @@ def test_split_noise_is_accounted_by_the_distributed_discrete_gaussian_bound(eps
         # at small scales tau is not negligible (3.6 % more noise at 8, 14 % at 10), and
         # the plan pays for it
         assert split.sigma_two_way > own.sigma_two_way * 1.02
-    assert epsilon_of(own.full_own_noise_history(), delta, "rdp") == pytest.approx(
+    assert epsilon_of(own.full_history(own_noise=True), delta, "rdp") == pytest.approx(
         epsilon_of(own.full_history(), delta, "rdp"), rel=1e-12
     )
 

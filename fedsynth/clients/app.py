@@ -180,8 +180,12 @@ class NodeSession:
     def plan_own_noise(self) -> list[tuple[float, float, int]]:
         """The rounds still to come under this node's own share of split noise alone
         (none unless a marginals federation splits its noise)."""
-        own = getattr(self.plan, "own_noise_round_history", None)
-        return own() if own is not None and self.spec.privacy.noise == "shared" else []
+        if self.spec.privacy.noise != "shared":
+            return []
+        from fedsynth.generative import marginals
+
+        assert isinstance(self.plan, marginals.NodeRoundPlan)  # the spec allows no other
+        return self.plan.round_history(own_noise=True)
 
     def released_counts(self) -> list[float] | None:
         counts = self.ledger.recall(self.federation, "counts")
@@ -401,7 +405,7 @@ def _measure(message: Message, packed: list[np.ndarray], session: NodeSession) -
     # the entry also keeps what this node's own share of the noise is worth alone.
     detail: dict[str, Any] = {"phase": plan.phase, "rows_weight": secagg.max_weight, **stored}
     if plan.plan.split > 1:
-        detail["own_noise_history"] = plan.own_noise_this_round()
+        detail["own_noise_history"] = plan.this_round(own_noise=True)
     epsilon = session.spend("train", plan.this_round(), **detail)
     return _fit_reply(message, session, arrays, secagg.max_weight, epsilon, resent=False)
 
@@ -496,26 +500,45 @@ def evaluate(message: Message, context: Context) -> Message:
         # Nothing released yet to bound sensitivity with, or no budget: no scores.
         if counts is not None:
             session.refuse("evaluate", check)
-        metrics[protocol.STATUS] = protocol.REFUSE
-        res = EvaluateRes(Status(Code.OK, "no scores"), 0.0, 0, metrics)
-        return Message(compat.evaluateres_to_recorddict(res), reply_to=message)
+        return _no_scores(message, metrics)
     rounds.set_arrays(model, arrays)
     scores, history = rounds.evaluation_scores(
         model, session.rows, session.spec, plan, counts, seed=session.seed("evaluate")
     )
+    return _send_scores(message, session, metrics, scores, history, input_sha256=model_digest)
+
+
+def _no_scores(message: Message, metrics: dict[str, Scalar]) -> Message:
+    metrics[protocol.STATUS] = protocol.REFUSE
+    res = EvaluateRes(Status(Code.OK, "no scores"), 0.0, 0, metrics)
+    return Message(compat.evaluateres_to_recorddict(res), reply_to=message)
+
+
+def _send_scores(
+    message: Message,
+    session: NodeSession,
+    metrics: dict[str, Scalar],
+    scores: dict[str, float],
+    history: list[tuple[float, float, int]],
+    **detail: Any,
+) -> Message:
+    """Spend the scores' releases, then send them: the ledger entry keeps the values and
+    ``detail`` (the digest of what was scored), so that a retry re-sends them."""
+    spec = session.spec
     epsilon = session.spend(
         "evaluate",
         history,
         scores=sorted(scores),
         values={k: float(v) for k, v in scores.items()},
-        input_sha256=model_digest,
+        **detail,
     )
     metrics.update(scores)
-    metrics[protocol.EPSILON] = epsilon if session.spec.privacy.is_private else float("inf")
+    metrics[protocol.EPSILON] = epsilon if spec.privacy.is_private else float("inf")
+    if spec.privacy.noise == "shared":
+        metrics[protocol.OWN_NOISE_EPSILON] = session.own_noise_epsilon()
     metrics[protocol.STATUS] = protocol.ACCEPT
     metrics[protocol.RESENT] = 0
-    loss = 1.0 - scores.get("column_shapes", 0.0)
-    res = EvaluateRes(Status(Code.OK, "ok"), loss, 1, metrics)
+    res = EvaluateRes(Status(Code.OK, "ok"), 1.0 - scores.get("column_shapes", 0.0), 1, metrics)
     return Message(compat.evaluateres_to_recorddict(res), reply_to=message)
 
 
@@ -564,32 +587,23 @@ def _score_marginals(
     if not check.allowed or (spec.privacy.is_private and not planned):
         if not check.allowed:
             session.refuse("evaluate", check)
-        metrics[protocol.STATUS] = protocol.REFUSE
-        res = EvaluateRes(Status(Code.OK, "no scores"), 0.0, 0, metrics)
-        return Message(compat.evaluateres_to_recorddict(res), reply_to=message)
+        return _no_scores(message, metrics)
     nodes = [int(n) for n in json.loads(str(evalins.config[protocol.NODES_PER_ROUND]))]
     model = marginals.model_from_state(spec, state, nodes)
     scores, history = marginals.evaluation_release(
         model, session.rows, plan.plan, seed=session.seed("evaluate")
     )
     fitted = model.fitted_digest()
-    epsilon = session.spend(
-        "evaluate",
+    metrics[protocol.MODEL_SHA256] = fitted
+    return _send_scores(
+        message,
+        session,
+        metrics,
+        scores,
         history,
-        scores=sorted(scores),
-        values=scores,
         input_sha256=state_digest,
         model_sha256=fitted,
     )
-    metrics.update(scores)
-    metrics[protocol.EPSILON] = epsilon if spec.privacy.is_private else float("inf")
-    metrics[protocol.MODEL_SHA256] = fitted
-    if spec.privacy.noise == "shared":
-        metrics[protocol.OWN_NOISE_EPSILON] = session.own_noise_epsilon()
-    metrics[protocol.STATUS] = protocol.ACCEPT
-    metrics[protocol.RESENT] = 0
-    res = EvaluateRes(Status(Code.OK, "ok"), 1.0 - scores.get("column_shapes", 0.0), 1, metrics)
-    return Message(compat.evaluateres_to_recorddict(res), reply_to=message)
 
 
 # ---------------------------------------------------------------------------- the app

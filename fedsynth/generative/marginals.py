@@ -148,16 +148,10 @@ class MeasurementPlan:
     def n_edges(self) -> int:
         return max(self.n_columns - 1, 0)
 
-    def history(self, phase: str) -> list[tuple[float, float, int]]:
-        """Accountant entries of one phase's sum (see the module docstring)."""
-        return self._entries(phase, shared=True)
-
-    def own_noise_history(self, phase: str) -> list[tuple[float, float, int]]:
-        """The same phase protected by one node's own noise alone: what bounds a node
-        whose update the server sees (equal to ``history`` when the noise is not split)."""
-        return self._entries(phase, shared=False)
-
-    def _entries(self, phase: str, *, shared: bool) -> list[tuple[float, float, int]]:
+    def history(self, phase: str, *, own_noise: bool = False) -> list[tuple[float, float, int]]:
+        """Accountant entries of one phase's sum (see the module docstring). With
+        ``own_noise``: the same phase protected by one node's own noise alone, what bounds
+        a node whose update the server sees (equal unless the noise is split)."""
         if math.isinf(self.sigma_two_way) or self.sigma_two_way == 0:
             return []
         count = {"one_way": self.n_columns, "scores": self.n_pairs, "two_way": self.n_edges}
@@ -166,19 +160,17 @@ class MeasurementPlan:
         if not count[phase]:
             return []
         sensitivity = SCORE_SENSITIVITY if phase == "scores" else 1
-        if shared:
+        if own_noise:
+            multiplier = self.node_sigma(phase) / sensitivity
+        else:
             multiplier = distributed_multiplier(
                 self.sigmas[phase], sensitivity, self.split, self.cells
             )
-        else:
-            multiplier = self.node_sigma(phase) / sensitivity
         return [(multiplier, 1.0, count[phase])]
 
-    def full_history(self) -> list[tuple[float, float, int]]:
-        return [e for phase in PHASES for e in self.history(phase)]
-
-    def full_own_noise_history(self) -> list[tuple[float, float, int]]:
-        return [e for phase in PHASES for e in self.own_noise_history(phase)]
+    def full_history(self, *, own_noise: bool = False) -> list[tuple[float, float, int]]:
+        """The three measurements' entries (see ``history`` for ``own_noise``)."""
+        return [e for phase in PHASES for e in self.history(phase, own_noise=own_noise)]
 
     def evaluation_history(self) -> list[tuple[float, float, int]]:
         """The evaluation's releases (in the clear, so the same under either noise model)."""
@@ -186,13 +178,10 @@ class MeasurementPlan:
             return []
         return [(self.sigma_evaluation, 1.0, len(EVALUATION_RELEASES))]
 
-    def total_history(self) -> list[tuple[float, float, int]]:
+    def total_history(self, *, own_noise: bool = False) -> list[tuple[float, float, int]]:
         """Everything a node of the federation releases: the measurements and the
         evaluation; this is what the plan calibrates to the target."""
-        return [*self.full_history(), *self.evaluation_history()]
-
-    def total_own_noise_history(self) -> list[tuple[float, float, int]]:
-        return [*self.full_own_noise_history(), *self.evaluation_history()]
+        return [*self.full_history(own_noise=own_noise), *self.evaluation_history()]
 
     @property
     def sigmas(self) -> dict[str, float]:
@@ -724,22 +713,14 @@ class NodeRoundPlan:
         """The noise this node adds (its share, when the noise is split)."""
         return self.plan.node_sigma(self.phase)
 
-    def this_round(self) -> list[tuple[float, float, int]]:
-        return self.plan.history(self.phase)
+    def this_round(self, *, own_noise: bool = False) -> list[tuple[float, float, int]]:
+        return self.plan.history(self.phase, own_noise=own_noise)
 
-    def own_noise_this_round(self) -> list[tuple[float, float, int]]:
-        return self.plan.own_noise_history(self.phase)
-
-    def round_history(self) -> list[tuple[float, float, int]]:
+    def round_history(self, *, own_noise: bool = False) -> list[tuple[float, float, int]]:
         """This round's measurement and every later release, the evaluation included."""
-        later = [e for phase in PHASES[self.round - 1 :] for e in self.plan.history(phase)]
-        return [*later, *self.plan.evaluation_history()]
-
-    def own_noise_round_history(self) -> list[tuple[float, float, int]]:
-        later = [
-            e for phase in PHASES[self.round - 1 :] for e in self.plan.own_noise_history(phase)
-        ]
-        return [*later, *self.plan.evaluation_history()]
+        later = PHASES[self.round - 1 :]
+        measured = [e for p in later for e in self.plan.history(p, own_noise=own_noise)]
+        return [*measured, *self.plan.evaluation_history()]
 
     def release_history(self) -> list[tuple[float, float, int]]:
         return []
@@ -870,7 +851,7 @@ def model_from_state(
         std_one_way=plan.sum_std("one_way", nodes_per_round[0]),
         std_two_way=plan.sum_std("two_way", nodes_per_round[2]),
     )
-    history, own = plan.total_history(), plan.total_own_noise_history()
+    history, own = plan.total_history(), plan.total_history(own_noise=True)
     epsilon: float | str = epsilon_of(history, privacy.delta, "rdp") if history else "inf"
     own_epsilon: float | str = epsilon_of(own, privacy.delta, "rdp") if own else "inf"
     metadata = {

@@ -75,13 +75,10 @@ class PrivacyLedger:
         self.path = Path(path)
 
     # ------------------------------------------------------------------ reading
-    def history(self, federation: str) -> list[Entry]:
-        section = self._read()["federations"].get(federation, {})
-        return [
-            (float(s), float(q), int(t))
-            for item in section.get("entries", [])
-            for s, q, t in item["history"]
-        ]
+    def history(self, federation: str, *, own_noise: bool = False) -> list[Entry]:
+        """Every entry's accountant history; with ``own_noise``, each entry's
+        ``own_noise_history`` where it keeps one (see :meth:`own_noise_epsilon`)."""
+        return _history(self._read()["federations"].get(federation, {}), own_noise=own_noise)
 
     def epsilon(self, federation: str, delta: float, accountant: str = "prv") -> float:
         return epsilon_of(self.history(federation), delta, accountant)
@@ -91,8 +88,7 @@ class PrivacyLedger:
         that saw its updates could learn. Equal to :meth:`epsilon` unless a federation split
         its noise across nodes under secure aggregation (``privacy.noise = "shared"``),
         whose entries keep ``own_noise_history`` beside the ``history`` the cap governs."""
-        section = self._read()["federations"].get(federation, {})
-        return epsilon_of(_own_noise_history(section), delta, accountant)
+        return epsilon_of(self.history(federation, own_noise=True), delta, accountant)
 
     def section(self, federation: str) -> dict[str, Any]:
         """The federation's raw record: entries, refusals, runs, released counts."""
@@ -120,10 +116,7 @@ class PrivacyLedger:
     ) -> BudgetCheck:
         """Would ``planned`` releases keep this node within ``cap``? With ``own_noise``,
         ``planned`` and the ledger are read as protected by the node's own noise alone."""
-        if own_noise:
-            history = _own_noise_history(self._read()["federations"].get(federation, {}))
-        else:
-            history = self.history(federation)
+        history = self.history(federation, own_noise=own_noise)
         spent = epsilon_of(history, delta, accountant)
         after = epsilon_of([*history, *planned], delta, accountant) if planned else spent
         allowed = after <= cap * (1 + 1e-9) or math.isinf(cap)
@@ -174,11 +167,10 @@ class PrivacyLedger:
             section["entries"].append(entry)
             if remember:
                 section.setdefault("released", {}).update(remember)
-            all_history = [tuple(h) for item in section["entries"] for h in item["history"]]
-            entry["epsilon_after"] = epsilon_of(all_history, delta, accountant)
+            entry["epsilon_after"] = epsilon_of(_history(section), delta, accountant)
             if "own_noise_history" in entry:
                 entry["own_noise_epsilon_after"] = epsilon_of(
-                    _own_noise_history(section), delta, accountant
+                    _history(section, own_noise=True), delta, accountant
                 )
             return float(entry["epsilon_after"])
 
@@ -257,11 +249,12 @@ class PrivacyLedger:
             os.close(lock)
 
 
-def _own_noise_history(section: dict[str, Any]) -> list[Entry]:
+def _history(section: dict[str, Any], *, own_noise: bool = False) -> list[Entry]:
+    key = "own_noise_history" if own_noise else "history"
     return [
         (float(s), float(q), int(t))
         for item in section.get("entries", [])
-        for s, q, t in item.get("own_noise_history", item["history"])
+        for s, q, t in item.get(key, item["history"])
     ]
 
 

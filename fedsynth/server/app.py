@@ -775,18 +775,13 @@ class FederationServer:
             for institution, metrics in log.fitted.items():
                 participants.add(institution)
                 node_privacy[institution] = {
-                    "epsilon": float(metrics.get(protocol.EPSILON, math.inf)),
+                    "epsilon": math.inf,
                     "delta": float(metrics.get(protocol.DELTA, 0.0)),
                 }
-                if protocol.OWN_NOISE_EPSILON in metrics:
-                    own = float(metrics[protocol.OWN_NOISE_EPSILON])
-                    node_privacy[institution]["own_noise_epsilon"] = own
+                _take_latest_spend(node_privacy[institution], metrics)
             for institution, metrics in log.evaluated.items():
-                if protocol.EPSILON in metrics and institution in node_privacy:
-                    node_privacy[institution]["epsilon"] = float(metrics[protocol.EPSILON])
-                if protocol.OWN_NOISE_EPSILON in metrics and institution in node_privacy:
-                    own = float(metrics[protocol.OWN_NOISE_EPSILON])
-                    node_privacy[institution]["own_noise_epsilon"] = own
+                if institution in node_privacy:
+                    _take_latest_spend(node_privacy[institution], metrics)
                 scored = metrics.get(protocol.MODEL_SHA256)
                 if scored is not None and scored != fitted_digest:
                     # fitted from the same state by the same code, but not the same model:
@@ -848,6 +843,17 @@ class FederationServer:
             },
         )
         return str(version.id)
+
+
+def _take_latest_spend(report: dict[str, float], metrics: dict[str, Any]) -> None:
+    """A node's latest reported epsilon (and own-noise epsilon, with split noise) is its
+    total so far: its ledger composes all its releases."""
+    for key, name in (
+        (protocol.EPSILON, "epsilon"),
+        (protocol.OWN_NOISE_EPSILON, "own_noise_epsilon"),
+    ):
+        if key in metrics:
+            report[name] = float(metrics[key])
 
 
 def _participation_detail(metrics: dict[str, Any]) -> str:
