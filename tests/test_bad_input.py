@@ -229,6 +229,13 @@ def _query(context: Context, spec: FederationSpec) -> dict:
     return dict(reply.content.config_records[protocol.CONFIG])
 
 
+def _local_note(context: Context) -> str:
+    """The full reason a node did not take part, which only its own outbox keeps."""
+    from fedsynth.clients.outbox import LOCAL_NOTE_RECORD
+
+    return str(context.state.config_records[LOCAL_NOTE_RECORD]["detail"])
+
+
 @pytest.mark.parametrize("case", ["unknown category", "missing column", "truncated Parquet"])
 def test_a_node_with_a_bad_table_answers_invalid_and_keeps_its_ledger_untouched(
     tmp_path: Path, case: str
@@ -237,8 +244,14 @@ def test_a_node_with_a_bad_table_answers_invalid_and_keeps_its_ledger_untouched(
     context = _node(tmp_path, write(tmp_path))
     answer = _query(context, load_spec(BANK))
     assert answer[protocol.STATUS] == protocol.INVALID
+    kinds = {"unknown category": "unknown_category", "missing column": "missing_column"}
+    column = {"unknown category": "student", "missing column": "income"}
+    sent = [(kinds[case], column[case])] if case in kinds else [("unreadable_table", "")]
+    assert protocol.decode_problems(answer[protocol.PROBLEMS]) == sent
+    # what to fix, with rows and values, stays in the node's outbox note
+    note = _local_note(context)
     for fragment in expected:
-        assert fragment in answer[protocol.DETAIL]
+        assert fragment in note and fragment not in repr(answer)
     assert not (tmp_path / "node").exists()  # no ledger, no lock file
 
 
@@ -255,8 +268,10 @@ def test_a_node_refuses_to_train_on_a_bad_table_before_touching_its_ledger(
     message = Message(
         compat.fitins_to_recorddict(fitins, True), dst_node_id=7, message_type="train"
     )
-    with pytest.raises(TableError, match=r"column 'income': 1 value below min 0.0 at row 7"):
+    with pytest.raises(node_app.NodeInvalid, match=r"below the declared min \(column 'income'\)"):
         node_app.train(message, context)
+    note = _local_note(context)
+    assert "column 'income': 1 value below min 0.0 at row 7" in note
     assert not (tmp_path / "node").exists()
 
 
@@ -265,9 +280,10 @@ def test_a_node_refuses_a_delta_too_large_for_its_rows(tmp_path: Path) -> None:
     context = _node(tmp_path, _csv(bank_text())(tmp_path))
     answer = _query(context, spec)
     assert answer[protocol.STATUS] == protocol.INVALID
-    assert (
-        "privacy.delta = 0.01 must be below 1/rows = 0.0025 (400 rows)" in answer[protocol.DETAIL]
-    )
+    assert protocol.decode_problems(answer[protocol.PROBLEMS]) == [("row_count", "")]
+    note = _local_note(context)
+    assert "privacy.delta = 0.01 must be below 1/rows = 0.0025 (400 rows)" in note
+    assert "400" not in repr(answer)  # the node's row count stays on the node
     assert not (tmp_path / "node").exists()
 
 

@@ -89,12 +89,47 @@ def test_query_refuses_past_the_cap_and_the_ledger_keeps_the_refusal(tmp_path):
     assert len(refusals) == 1 and refusals[0]["cap"] == 0.01
 
 
-def test_a_table_that_does_not_fit_is_reported_with_the_column(tmp_path):
+def test_a_table_that_does_not_fit_tells_the_server_the_column_and_the_node_the_rows(
+    tmp_path, caplog
+):
     frame = small_frame(50, seed=1)
     frame["ward"] = frame["ward"].astype(str).replace({"a": "zzz"})
-    answer = _query(_node(tmp_path, rows=frame), _spec())
+    context = _node(tmp_path, rows=frame)
+    with caplog.at_level("ERROR", logger="fedsynth.node"):
+        answer = _query(context, _spec())
     assert answer[protocol.STATUS] == protocol.INVALID
-    assert "ward" in answer[protocol.DETAIL] and "zzz" in answer[protocol.DETAIL]
+    assert answer[protocol.INSTITUTION] == "clinic-a"
+    problems = protocol.decode_problems(answer[protocol.PROBLEMS])
+    assert problems == [("unknown_category", "ward")]
+    assert "zzz" not in repr(answer) and "row" not in repr(answer)
+    # the node's own log and its outbox note hold the rows and the value
+    local = [r.getMessage() for r in caplog.records if r.name == "fedsynth.node"]
+    assert len(local) == 1 and "column 'ward'" in local[0] and "'zzz'" in local[0]
+    note = context.state.config_records[node_app.LOCAL_NOTE_RECORD]["detail"]
+    assert note == local[0] and "at rows" in note
+
+
+def test_a_header_name_the_spec_does_not_declare_stays_on_the_node(tmp_path):
+    """A table read without its header takes its first row for column names: the server
+    learns only that the table has undeclared columns, not their names."""
+    frame = small_frame(50, seed=1).rename(columns={"age": "Jane Doe 1961"})
+    answer = _query(_node(tmp_path, rows=frame), _spec())
+    problems = protocol.decode_problems(answer[protocol.PROBLEMS])
+    assert ("missing_column", "age") in problems and ("extra_column", "") in problems
+    assert "Jane" not in repr(answer)
+
+
+def test_train_on_a_table_that_does_not_fit_fails_without_its_values(tmp_path):
+    frame = small_frame(50, seed=1)
+    frame.loc[3, "cost"] = 98765.4321
+    context = _node(tmp_path, rows=frame)
+    with pytest.raises(node_app.NodeInvalid) as info:
+        _fit(context, _spec(secure=False))
+    text = str(info.value)
+    assert "above the declared max (column 'cost')" in text and "clinic-a" in text
+    assert "98765" not in text and "row 4" not in text
+    assert "98765.4321" in info.value.local and "row 4" in info.value.local
+    assert not (tmp_path / "ledger.json").exists()  # nothing opened, nothing spent
 
 
 def test_train_refuses_a_plain_update_when_the_spec_requires_secure_aggregation(tmp_path):

@@ -24,8 +24,12 @@ A round asked again under the same run key (the server's run resumed after a cra
 first time, at no new cost, if it is handed the same global model, and refuses otherwise
 (``fedsynth.clients.replay``). The ledger never holds two entries for one round of a run.
 
-A node whose table does not fit the spec stops with the table error, naming the column and
-rows, before any training.
+A node whose table does not fit the spec (or whose configuration, or the spec it was sent,
+cannot be read) takes no part, before any training: its own log and outbox get the full
+reason (column, rows, an example value), and the query's ``invalid`` reply tells the server
+only the kind of each problem and the name of a column the spec declares
+(``protocol.PROBLEMS``). Training and evaluation messages fail with that same short reason
+(``NodeInvalid``): nothing of the table leaves the node, not even in an error.
 
 In deployment Flower starts a fresh process for every message, and most messages of a
 SecAgg+ round (key setup, share exchange, unmasking) are answered by the mod without
@@ -37,6 +41,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import zlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -52,10 +57,17 @@ from flwr.common import parameters_to_ndarrays as to_arrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 
-from fedsynth.clients.node import DEFAULTS_RECORD, NodeConfig, load_rows, resolve_context
-from fedsynth.clients.outbox import outbox_mod
+from fedsynth.clients.node import (
+    DEFAULTS_RECORD,
+    NodeConfig,
+    NodeConfigError,
+    load_rows,
+    resolve_context,
+)
+from fedsynth.clients.outbox import LOCAL_NOTE_RECORD, outbox_mod
 from fedsynth.clients.replay import ReleaseStore, ReplayError, check_run_key, digest
-from fedsynth.generative.spec import FederationSpec, parse_spec
+from fedsynth.generative.spec import FederationSpec, SpecError, parse_spec
+from fedsynth.generative.tablefile import TableError
 from fedsynth.privacy import protocol
 
 # Opacus calls logging.basicConfig when imported, which gives the root logger a handler
@@ -63,6 +75,9 @@ from fedsynth.privacy import protocol
 # every DEBUG record of the SecAgg+ mod was printed again, unfiltered (hundreds of lines
 # per demo run). Flower's own handler still prints what its level lets through.
 logging.getLogger("flwr").propagate = False
+#: The node's own log (its SuperNode's console, or the simulation's worker): full reasons,
+#: rows and values included, never sent anywhere.
+log = logging.getLogger("fedsynth.node")
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -77,6 +92,25 @@ class BudgetRefused(RuntimeError):
 
 class SecureAggregationRequired(RuntimeError):
     """The server asked for a plain update while the spec requires secure aggregation."""
+
+
+class NodeInvalid(RuntimeError):
+    """This node cannot open the round: its table does not fit the spec, or its
+    configuration or the spec cannot be read. ``str()`` is what may leave the node (the
+    kinds of problem and the spec's column names, ``problems``); ``local`` is the full
+    reason, with rows, values and paths, for the node's own log and outbox only."""
+
+    def __init__(
+        self, problems: list[tuple[str, str]], local: str, institution: str | None
+    ) -> None:
+        self.problems = problems
+        self.local = local
+        self.institution = institution
+        where = f"{institution}: " if institution else ""
+        super().__init__(
+            f"{where}{protocol.describe_problems(problems)}; the node's own log and outbox "
+            "name the rows"
+        )
 
 
 @dataclass
@@ -196,6 +230,51 @@ class NodeSession:
 
 
 def open_session(context: Context, config: dict) -> NodeSession:
+    """The round's session; a node that cannot open it raises :class:`NodeInvalid`, after
+    writing the full reason to its own log and leaving it for its outbox."""
+    try:
+        return _open_session(context, config)
+    except Exception as exc:  # noqa: BLE001 -- every reason is kept local, see NodeInvalid
+        raise _invalid(context, config, exc) from None
+
+
+def _invalid(context: Context, config: dict, exc: Exception) -> NodeInvalid:
+    institution: str | None = None
+    try:
+        institution = resolve_context(context).institution
+    except NodeConfigError:
+        pass
+    declared: set[str] = set()
+    try:
+        spec = parse_spec(json.loads(str(config[protocol.SPEC])), source="spec sent by the server")
+        declared = {c.name for c in spec.schema.columns}
+    except (KeyError, ValueError):  # SpecError and JSON errors are ValueErrors
+        pass
+    local = f"{institution or 'this node'} cannot take part in the round: {exc}"
+    log.error("%s", local)
+    context.state.config_records[LOCAL_NOTE_RECORD] = ConfigRecord({"detail": local[:20000]})
+    return NodeInvalid(_problems(exc, declared), local, institution)
+
+
+def _problems(exc: Exception, declared: set[str]) -> list[tuple[str, str]]:
+    """What the server may learn of ``exc``: the kind of each problem, and the column's
+    name only where the spec declares it (a table read without its header would give its
+    first row as column names: those stay here)."""
+    if isinstance(exc, TableError):
+        if not exc.problems:
+            return [("unreadable_table", "")]
+        return [(p.kind, p.column if p.column in declared else "") for p in exc.problems]
+    if isinstance(exc, NodeConfigError):
+        return [("node_config", "")]
+    training = sys.modules.get("fedsynth.generative.training")  # loaded if it raised
+    if training is not None and isinstance(exc, training.TrainingError):
+        return [("row_count", "")]  # e.g. spec.rows_problem: the row count stays here
+    if isinstance(exc, SpecError | json.JSONDecodeError):
+        return [("spec", "")]
+    return [("node_error", "")]
+
+
+def _open_session(context: Context, config: dict) -> NodeSession:
     from fedsynth.privacy.ledger import PrivacyLedger
 
     node = resolve_context(context)
@@ -272,8 +351,13 @@ def query(message: Message, context: Context) -> Message:
     reply: dict[str, Any] = {}
     try:
         session = open_session(context, dict(config))
-    except Exception as exc:  # noqa: BLE001 -- the reason goes back to the server
-        reply = {protocol.STATUS: protocol.INVALID, protocol.DETAIL: str(exc)[:2000]}
+    except NodeInvalid as exc:  # the kinds of problem go back, the reason stays here
+        reply = {
+            protocol.STATUS: protocol.INVALID,
+            protocol.PROBLEMS: protocol.encode_problems(exc.problems),
+        }
+        if exc.institution:
+            reply[protocol.INSTITUTION] = exc.institution
         return Message(RecordDict({protocol.CONFIG: ConfigRecord(reply)}), reply_to=message)
     # A round this run already released is re-sent, not trained: it costs nothing more.
     again = session.released("train") is not None

@@ -3,7 +3,10 @@
 A Flower client mod placed outermost, so it sees each reply exactly as it leaves (after
 SecAgg+ has masked it): time, run, round, message type, bytes, what the reply holds, and
 the epsilon the node reported. ``fedsynth node outbox`` prints it, so an institution can
-see exactly what it shared, and that it never included a row.
+see exactly what it shared, and that it never included a row. A message the node could not
+answer (its table does not fit the spec, say) also keeps, as ``local_detail``, the full
+reason, rows and values included, which only this log holds: the reply carries the kinds of
+problem alone.
 """
 
 from __future__ import annotations
@@ -19,6 +22,10 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from fedsynth.clients.node import NodeConfigError, resolve_context
 from fedsynth.privacy import protocol
+
+#: Where a handler leaves, in the node's context, the full reason it did not take part
+#: (rows, values, paths): the outbox keeps it as ``local_detail``; it is never sent.
+LOCAL_NOTE_RECORD = "fedsynth-local-note"
 
 
 def message_bytes(message: Message) -> int:
@@ -57,20 +64,35 @@ def describe(message: Message) -> dict[str, Any]:
 
 
 def outbox_mod(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    reply = call_next(message, context)
+    try:
+        reply = call_next(message, context)
+    except Exception as exc:
+        # Flower sends the server the exception's text in an error reply: log that too
+        _log(message, context, None, error=f"{type(exc).__name__}: {exc}")
+        raise
+    _log(message, context, reply)
+    return reply
+
+
+def _log(message: Message, context: Context, reply: Message | None, error: str = "") -> None:
+    note = context.state.config_records.pop(LOCAL_NOTE_RECORD, None)
     try:
         config = resolve_context(context)
     except NodeConfigError:
-        return reply  # nothing to log to; the handler has already said why
-    entry = {
+        return  # nothing to log to; the handler has already said why
+    entry: dict[str, Any] = {
         "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
         "run": message.metadata.run_id,
         "round": message.metadata.group_id,
         "type": message.metadata.message_type,
-        "bytes": message_bytes(reply),
-        "content": describe(reply),
+        "bytes": len(error.encode()) if reply is None else message_bytes(reply),
+        "content": {"error": error[:200]} if reply is None else describe(reply),
     }
-    if reply.has_content():  # legacy fit/evaluate replies keep metrics in config records
+    if note is not None:  # the full reason of a refusal to take part: never sent
+        entry["local_detail"] = str(note.get("detail", ""))
+    if reply is None:
+        entry["status"] = "error"
+    elif reply.has_content():  # legacy fit/evaluate replies keep metrics in config records
         content = reply.content
         records = [*content.metric_records.values(), *content.config_records.values()]
         for record in (cast(dict[str, Any], r) for r in records):
@@ -79,7 +101,6 @@ def outbox_mod(message: Message, context: Context, call_next: ClientAppCallable)
             if protocol.STATUS in record:
                 entry["status"] = record[protocol.STATUS]
     append_line(config.outbox_path, entry)
-    return reply
 
 
 def append_line(path: Path, entry: dict[str, Any]) -> None:

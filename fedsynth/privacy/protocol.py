@@ -11,10 +11,17 @@ every reply from a node carries only DP releases and budget figures:
   and metrics ``epsilon``/``delta``/``steps``/``institution`` (and ``own-noise-epsilon``
   when a marginals federation splits its noise);
 - ``evaluate``: noisy scores (``fedsynth.generative.rounds.evaluation_scores``).
+
+A node that cannot take part (its table does not fit the spec, its configuration is wrong,
+the spec cannot be read) answers the query ``invalid`` with its institution and
+``problems``: the kind of each problem and, where the spec declares it, the column's name.
+Never a value, a row number, a path or a message text: those stay in the node's own log
+and outbox (DESIGN.md, principle 4: not even an error carries data off a node).
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 CONFIG = "fedsynth"  # ConfigRecord name in query messages
@@ -44,6 +51,8 @@ CAP = "epsilon-cap"
 MEASURE = "measure"
 MEASURE_CAP = "measure-cap"
 DETAIL = "detail"
+#: In an ``invalid`` reply: JSON list of {"kind": ..., "column": ...} (see :data:`PROBLEM_KINDS`).
+PROBLEMS = "problems"
 
 EPSILON = "epsilon"
 #: With split noise (privacy.noise = "shared"): the node's epsilon under its own share of
@@ -57,6 +66,70 @@ CLIPPED = "max-abs-weight"
 #: scored (the server checks it against the model it registers).
 MODEL_SHA256 = "model-sha256"
 RESENT = "resent"  # 1: the node re-sent what it released earlier in this run and round
+
+
+#: What an ``invalid`` reply may say about a problem, as the coordinator reads it. The
+#: first eight are a table's (``fedsynth.generative.table.Problem.kind``).
+PROBLEM_KINDS: dict[str, str] = {
+    "missing_column": "a column the spec declares is missing from the table",
+    "extra_column": "the table has a column the spec does not declare",
+    "duplicate_column": "a column appears more than once in the table",
+    "wrong_type": "values of the wrong type",
+    "below_min": "values below the declared min",
+    "above_max": "values above the declared max",
+    "unknown_category": "values outside the declared categories",
+    "null": "nulls in a column that is not nullable",
+    "unreadable_table": "the table cannot be read",
+    "row_count": "the spec cannot train on this table's number of rows (e.g. under 2, or "
+    "privacy.delta not below 1/rows)",
+    "node_config": "the node's configuration is invalid",
+    "spec": "the spec sent by the server cannot be read",
+    "node_error": "the node could not open the round",
+}
+#: At most this many problems travel in one reply (the node's log has them all).
+MAX_PROBLEMS = 32
+_MAX_COLUMN_CHARS = 200
+
+
+def encode_problems(problems: Any) -> str:
+    """The ``problems`` value of an ``invalid`` reply: ``(kind, column)`` pairs, in order,
+    without repeats; ``column`` "" when the problem names none."""
+    seen = list(dict.fromkeys((str(k), str(c)) for k, c in problems))[:MAX_PROBLEMS]
+    return json.dumps([{"kind": k, "column": c} for k, c in seen])
+
+
+def decode_problems(raw: Any, declared: Any = None) -> list[tuple[str, str]]:
+    """What the coordinator keeps of an ``invalid`` reply's ``problems``: known kinds only
+    (anything else reads as ``node_error``), and a column name only where the spec
+    declares it (``declared``: the schema's column names; None keeps names as sent). A
+    node's own check already sends no other name; this keeps the coordinator's records
+    clean of whatever a node of another version might send."""
+    try:
+        items = json.loads(str(raw)) if raw is not None else []
+    except ValueError:
+        items = []
+    if not isinstance(items, list) or not items:
+        return [("node_error", "")]
+    names = None if declared is None else {str(n) for n in declared}
+    out: list[tuple[str, str]] = []
+    for item in items[:MAX_PROBLEMS]:
+        kind = str(item.get("kind", "")) if isinstance(item, dict) else ""
+        column = str(item.get("column", "")) if isinstance(item, dict) else ""
+        if kind not in PROBLEM_KINDS:
+            kind, column = "node_error", ""
+        if (names is not None and column not in names) or len(column) > _MAX_COLUMN_CHARS:
+            column = ""
+        out.append((kind, column))
+    return list(dict.fromkeys(out))
+
+
+def describe_problems(problems: Any) -> str:
+    """One line for the coordinator: "values above the declared max in column 'cost'; ..."."""
+    parts = []
+    for kind, column in problems:
+        text = PROBLEM_KINDS.get(kind, PROBLEM_KINDS["node_error"])
+        parts.append(f"{text} (column {column!r})" if column else text)
+    return "; ".join(parts) or PROBLEM_KINDS["node_error"]
 
 
 def secagg_settings(spec_secagg: Any, min_nodes: int) -> dict[str, Any]:

@@ -55,12 +55,14 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from logging import WARNING
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common import Scalar, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.logger import log as flwr_log
 from flwr.compat.common import recorddict_compat as compat
 from flwr.server.compat.app_utils import start_update_client_manager_thread
 from flwr.server.compat.legacy_context import LegacyContext
@@ -205,7 +207,9 @@ class FederationServer:
         self.completed_rounds = 0  # rounds a resumed run had already completed
         self.flower_run = 0
         self._refused: dict[int, list[str]] = {}
+        self._why_not: dict[int, list[str]] = {}  # round -> why each node it lost did not take part
         self._caps: dict[str, float] = {}  # institution -> the cap it last reported
+        self.skipped = ""  # why the last round skipped was (the round_skipped reason)
 
     # ------------------------------------------------------------------ records
     def start_run(self) -> None:
@@ -427,8 +431,8 @@ class FederationServer:
             thread.join()
         if not trained_rounds:
             raise RoundFailed(
-                "no round trained: fewer than federation.min_nodes nodes accepted the first "
-                "round (see the node_refused_budget / node_invalid audit events)"
+                f"no round trained: {self.skipped} (`fedsynth audit events --type "
+                "node_invalid` and `--type node_refused_budget` list them)"
             )
         return self._register(global_arrays(legacy, layout), strategy, trained_rounds)
 
@@ -447,6 +451,13 @@ class FederationServer:
         accepted = self._ask_budgets(grid, server_round, message_config)
         strategy.eligible = set(accepted)
         if len(accepted) < spec.federation.min_nodes:
+            why = self._why_not.get(server_round, [])
+            self.skipped = (
+                f"round {server_round}: {len(accepted)} node(s) accepted, fewer than "
+                f"federation.min_nodes = {spec.federation.min_nodes}"
+                + (": " + "; ".join(why) if why else " (no other node answered)")
+            )
+            flwr_log(WARNING, "%s: %s", spec.federation.name, self.skipped)  # shown by `flwr log`
             self.audit.append(
                 "round_skipped",
                 ACTOR,
@@ -455,7 +466,7 @@ class FederationServer:
                     "run": self.run_id,
                     "round": server_round,
                     "accepted": sorted(accepted.values()),
-                    "reason": "fewer nodes within budget than federation.min_nodes",
+                    "reason": self.skipped,
                 },
             )
             return False
@@ -493,6 +504,9 @@ class FederationServer:
                 self._participation(
                     server_round, f"node-{node_id}", "failed", detail=str(reply.error.reason)
                 )
+                self._why_not.setdefault(server_round, []).append(
+                    f"node-{node_id} (failed): its query ended in an error"
+                )
                 continue
             answer: dict[str, Any] = dict(reply.content.config_records[protocol.CONFIG])
             institution = str(answer.get(protocol.INSTITUTION, f"node-{node_id}"))
@@ -524,14 +538,17 @@ class FederationServer:
                     cap=cap,
                 )
             else:
-                detail = str(answer.get(protocol.DETAIL, "no detail"))
+                # Only the kinds of problem and the spec's column names are kept: a node's
+                # rows and values stay on the node, even in an error (DESIGN, principle 4)
+                declared = [c.name for c in self.spec.schema.columns]
+                problems = protocol.decode_problems(answer.get(protocol.PROBLEMS), declared)
                 self._turned_away(
                     server_round,
                     institution,
                     "failed",
                     "node_invalid",
-                    {"detail": detail[:2000]},
-                    detail=detail,
+                    {"problems": [{"kind": k, "column": c} for k, c in problems]},
+                    detail=f"cannot take part: {protocol.describe_problems(problems)}",
                 )
         return accepted
 
@@ -552,6 +569,7 @@ class FederationServer:
         self._participation(
             server_round, institution, status, epsilon=epsilon, cap=cap, detail=detail
         )
+        self._why_not.setdefault(server_round, []).append(f"{institution} ({status}): {detail}")
         self.audit.append(
             event,
             institution,
