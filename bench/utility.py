@@ -57,6 +57,8 @@ DOC = REPO / "docs" / "benchmarks.md"
 BASELINE_VENV = REPO / "bench" / ".venv-baselines"
 DATASETS = ("bank", "loans", "hospital", "retail")
 OURS = ("fedsynth-gan", "fedsynth-vae")
+#: The same kinds pre-trained on a DP marginals synopsis (model.pretrain = "marginals").
+PRETRAINED = ("fedsynth-gan-pretrained", "fedsynth-vae-pretrained")
 MARGINALS = ("fedsynth-marginals", "fedsynth-marginals-3nodes", "fedsynth-marginals-3nodes-shared")
 BASELINES = {
     "sdv-ctgan": ("inf",),
@@ -81,9 +83,25 @@ METRICS = (
 KIND_LEARNING_RATES = {"gan": (5e-4, 5e-4), "vae": (2e-3, 2e-3)}
 
 
-def spec_for(dataset: str, kind: str, epsilon: float, *, shared: bool = False) -> FederationSpec:
-    """The table's spec with ``kind``; ``shared``: marginals noise split across 3 nodes."""
+def spec_for(
+    dataset: str,
+    kind: str,
+    epsilon: float,
+    *,
+    shared: bool = False,
+    pretrain: bool = False,
+    seed: int = 0,
+) -> FederationSpec:
+    """The table's spec with ``kind``; ``shared``: marginals noise split across 3 nodes;
+    ``pretrain``: a GAN or VAE pre-trained on a marginals synopsis (RDP accountant)."""
     raw = load_spec(REPO / "federations" / f"{dataset}.toml").model_dump(mode="python")
+    raw["training"]["seed"] = seed
+    if pretrain:
+        raw["model"]["pretrain"], raw["privacy"]["accountant"] = "marginals", "rdp"
+    else:
+        raw["model"]["pretrain"] = "none"
+        if raw["privacy"]["accountant"] == "rdp" and kind != "marginals":
+            raw["privacy"]["accountant"] = "prv"
     if shared:
         raw["privacy"]["noise"], raw["federation"]["min_nodes"] = "shared", 3
     if kind == "marginals":
@@ -113,9 +131,11 @@ def sampling_speed(model: SynthModel) -> float:
         torch.set_num_threads(threads)
 
 
-def run_ours(dataset: str, method: str, epsilon: float, tables: dict) -> dict:
-    kind = method.removeprefix("fedsynth-")
-    spec = spec_for(dataset, kind, epsilon)
+def run_ours(dataset: str, method: str, epsilon: float, tables: dict, repeat: int = 0) -> dict:
+    """One training and one sample; repeats differ in the spec's seed (which seeds the
+    initial weights, the batches and DP-SGD's noise) and in the synopsis' noise."""
+    kind = method.removeprefix("fedsynth-").removesuffix("-pretrained")
+    spec = spec_for(dataset, kind, epsilon, pretrain=method in PRETRAINED, seed=repeat)
     train_rows, holdout = (validate_table(t, spec.schema) for t in tables[dataset])
     model = train(train_rows, spec)
     fit_s = model.metadata["training"]["fit_seconds"]
@@ -228,8 +248,11 @@ def mean_of(runs: list[dict]) -> dict:
         if isinstance(value, int | float) and all(isinstance(v, int | float) for v in values):
             out[key] = statistics.fmean(values)  # type: ignore[arg-type]
     out["runs"] = len(runs)
-    out["quality_sd"] = statistics.stdev(r["quality"] for r in runs)
-    out["quality_runs"] = [r["quality"] for r in runs]
+    for metric in ("quality", "tstr_auc"):
+        values = [r[metric] for r in runs]
+        out[f"{metric}_sd"] = statistics.stdev(values)
+        out[f"{metric}_se"] = statistics.stdev(values) / math.sqrt(len(values))
+        out[f"{metric}_runs"] = values
     return out
 
 
@@ -243,7 +266,17 @@ def write_doc(rows: list[dict]) -> None:
             else (f"{v:,.0f}" if isinstance(v, float) else str(v))
         )
 
-    head = ["dataset", "method", "epsilon", *METRICS, "fit_s", "sample_rows_per_s"]
+    head = [
+        "dataset",
+        "method",
+        "epsilon",
+        *METRICS,
+        "fit_s",
+        "sample_rows_per_s",
+        "runs",
+        "quality_sd",
+        "tstr_auc_sd",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         lines.append("| " + " | ".join(fmt(r.get(k)) for k in head) + " |")
@@ -266,7 +299,7 @@ def main() -> None:
         "--methods",
         nargs="*",
         default=None,
-        choices=(*OURS, *MARGINALS, *BASELINES),
+        choices=(*OURS, *PRETRAINED, *MARGINALS, *BASELINES),
         help="run only these methods; their rows replace the same rows in the results",
     )
     parser.add_argument(
@@ -298,6 +331,7 @@ def main() -> None:
     partial.write_text("")
     for dataset in datasets:
         jobs = [(m, e) for m in OURS for e in (1.0, 3.0, math.inf)]
+        jobs += [(m, e) for m in PRETRAINED for e in (1.0, 3.0)]
         jobs += [(m, e) for m in MARGINALS for e in (1.0, 3.0, math.inf)]
         if with_baselines:
             jobs += [(m, e) for m, eps in BASELINES.items() for e in eps]
@@ -312,8 +346,8 @@ def main() -> None:
             runs = []
             for repeat in range(args.repeats):
                 try:
-                    if method in OURS:
-                        runs.append(run_ours(dataset, method, float(epsilon), tables))
+                    if method in (*OURS, *PRETRAINED):
+                        runs.append(run_ours(dataset, method, float(epsilon), tables, repeat))
                     elif method in MARGINALS:
                         runs.append(run_marginals(dataset, method, float(epsilon), tables, repeat))
                     else:
@@ -358,7 +392,7 @@ def main() -> None:
     def key(r: dict) -> tuple:
         return r["dataset"], r["method"], str(r["epsilon"])
 
-    order = [*OURS, *MARGINALS, *BASELINES]
+    order = [*OURS, *PRETRAINED, *MARGINALS, *BASELINES]
     kept = []
     if RESULTS.exists():
         ran = {key(r) for r in rows}

@@ -6,7 +6,7 @@ import pytest
 import torch
 from opacus import PrivacyEngine
 
-from fedsynth.generative import training
+from fedsynth.generative import sgd
 from fedsynth.generative.accounting import epsilon_of
 from fedsynth.generative.spec import parse_spec
 from fedsynth.generative.training import TrainingError, train
@@ -100,7 +100,7 @@ def test_training_conditions_only_reveal_the_rows_own_values():
 
     codec = Codec(spec.schema)
     _, levels = codec.encode(small_frame())
-    cond = training.training_conditions(levels, codec)
+    cond = sgd.training_conditions(levels, codec)
     assert cond.sum(1).max() <= 1
     for j in range(len(codec.discrete)):
         lo, hi = int(codec.cond_offsets[j]), int(codec.cond_offsets[j + 1])

@@ -152,3 +152,27 @@ def histogram_noise(*, epsilon: float, delta: float, accountant: str = "prv") ->
     return calibrate_noise(
         target_epsilon=epsilon, delta=delta, sample_rate=1.0, steps=1, accountant=accountant
     )
+
+
+def release_noise(
+    *, share: float, releases: int, epsilon: float, delta: float, accountant: str = "prv"
+) -> float:
+    """Noise multiplier of ``releases`` Gaussian releases of L2 sensitivity 1 that take
+    ``share`` of a budget of ``epsilon``, counted alone (before composition).
+
+    With PRV the share is of epsilon: the releases alone cost ``share * epsilon``. RDP
+    cannot certify an epsilon much below 0.2 at delta 1e-5 on its own, so with it the share
+    is of the zCDP budget rho that ``(epsilon, delta)`` converts to (``rho + 2 sqrt(rho
+    log(1 / delta)) = epsilon``, Bun and Steinke 2016), as the marginals kind's shares are:
+    ``releases`` Gaussian mechanisms of noise sigma cost ``releases / (2 sigma^2)``."""
+    if accountant == "rdp":
+        log_inv_delta = math.log(1.0 / delta)
+        rho = (math.sqrt(log_inv_delta + epsilon) - math.sqrt(log_inv_delta)) ** 2
+        return math.sqrt(releases / (2.0 * share * rho))
+    return calibrate_noise(
+        target_epsilon=epsilon * share,
+        delta=delta,
+        sample_rate=1.0,
+        steps=releases,
+        accountant=accountant,
+    )

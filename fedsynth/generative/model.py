@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from fedsynth.generative.codec import Codec
 from fedsynth.generative.networks import VAE, Critic, Generator
 from fedsynth.generative.schema import Schema
+from fedsynth.generative.spec import FederationSpec
 
 FORMAT = "fedsynth-model/1"
 WEIGHTS_FILE = "weights.safetensors"
@@ -37,6 +38,15 @@ DEFAULT_CHUNK = 16_384
 
 class ModelFileError(ValueError):
     """A model artifact is missing, damaged, or not a fedsynth model."""
+
+
+def architecture(spec: FederationSpec) -> dict[str, Any]:
+    """The network sizes a model is built with (stored in its artifact)."""
+    return {
+        "latent_dim": spec.model.latent_dim,
+        "generator_hidden": list(spec.model.generator_hidden),
+        "critic_hidden": list(spec.model.critic_hidden),
+    }
 
 
 def build_modules(kind: str, codec: Codec, arch: dict[str, Any]) -> dict[str, torch.nn.Module]:

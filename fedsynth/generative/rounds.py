@@ -17,6 +17,7 @@ bounded as described in :func:`evaluation_scores`. All costs enter one accountan
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -25,20 +26,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fedsynth.generative.accounting import calibrate_noise, histogram_noise
+from fedsynth.generative import pretraining
+from fedsynth.generative.accounting import calibrate_noise, release_noise
 from fedsynth.generative.codec import codec_of
 from fedsynth.generative.distance import _gower_embedding, _nearest
-from fedsynth.generative.model import SynthModel, build_modules
+from fedsynth.generative.marginals import MarginalModel
+from fedsynth.generative.model import SynthModel, architecture, build_modules
 from fedsynth.generative.schema import Schema
+from fedsynth.generative.sgd import StepsRun, known_notices, run_steps
 from fedsynth.generative.spec import FederationSpec
-from fedsynth.generative.training import (
-    StepsRun,
-    architecture,
-    check_rows,
-    known_notices,
-    library_versions,
-    run_steps,
-)
+from fedsynth.generative.training import check_rows, library_versions
 from fedsynth.generative.typed import _codes, _columns, _numbers, _threads
 from fedsynth.generative.utility import synthetic_auc
 
@@ -73,8 +70,9 @@ class NodePlan:
 
 
 def plan_node(spec: FederationSpec, rows: int) -> NodePlan:
-    """Noise calibrated once, so that the release, every evaluation and all planned rounds
-    together reach the spec's target epsilon (each round does the same number of steps)."""
+    """Noise calibrated once, so that the synopsis (with ``model.pretrain``), the release,
+    every evaluation and all planned rounds together reach the spec's target epsilon (each
+    round does the same number of steps)."""
     check_rows(rows, spec)
     privacy, training, rounds = spec.privacy, spec.training, spec.federation.rounds
     steps_per_epoch = training.steps_per_epoch(rows)
@@ -82,22 +80,16 @@ def plan_node(spec: FederationSpec, rows: int) -> NodePlan:
     if not privacy.is_private:
         return NodePlan(rows, rounds, 1.0 / steps_per_epoch, per_round, 0.0, 0.0, 0.0)
     eps = privacy.target_epsilon
-    marginal_sigma = histogram_noise(
-        epsilon=eps * max(privacy.marginal_share, 0.01),
-        delta=privacy.delta,
-        accountant=privacy.accountant,
+    budget = functools.partial(
+        release_noise, epsilon=eps, delta=privacy.delta, accountant=privacy.accountant
     )
+    marginal_sigma = budget(share=max(privacy.marginal_share, 0.01), releases=1)
     evaluation_sigma = 0.0
-    prior = [(marginal_sigma, 1.0, 1)]
+    # a pre-trained network's synopsis was measured first, in its own rounds
+    prior = [*pretraining.synopsis_history(spec), (marginal_sigma, 1.0, 1)]
     if privacy.evaluation_share > 0:
         releases = len(spec.federation.evaluation_rounds()) * len(EVALUATION_SCORES)
-        evaluation_sigma = calibrate_noise(
-            target_epsilon=eps * privacy.evaluation_share,
-            delta=privacy.delta,
-            sample_rate=1.0,
-            steps=releases,
-            accountant=privacy.accountant,
-        )
+        evaluation_sigma = budget(share=privacy.evaluation_share, releases=releases)
         prior.append((evaluation_sigma, 1.0, releases))
     noise = calibrate_noise(
         target_epsilon=eps,
@@ -123,16 +115,25 @@ def target_column(spec: FederationSpec) -> str | None:
     return target.name
 
 
-def initial_model(spec: FederationSpec) -> SynthModel:
-    """The round-0 global model: weights drawn from the spec's seed, no data involved."""
+def initial_model(spec: FederationSpec, synopsis: MarginalModel | None = None) -> SynthModel:
+    """The round-0 global model: weights drawn from the spec's seed, no data involved; or,
+    given the federation's ``synopsis`` (``model.pretrain``), the networks pre-trained on
+    its rows and the target's shares from it (post-processing of that DP release)."""
     torch.manual_seed(spec.training.seed)
     codec = codec_of(spec)
-    arch = architecture(spec)
-    modules = build_modules(spec.model.kind, codec, arch)
     target = target_column(spec)
     k = codec.discrete[codec.discrete_index(target)].n_bins if target else 1
+    shares = [1.0 / k] * k
+    privacy: dict[str, Any] = {}
+    if synopsis is None:
+        modules = build_modules(spec.model.kind, codec, architecture(spec))
+    else:
+        modules = pretraining.pretrained_modules(spec, synopsis)
+        release = pretraining.target_release(spec, synopsis)
+        shares = release["probabilities"] if release else shares
+        privacy["pretraining"] = pretraining.describe(spec, synopsis)
     return SynthModel(
-        spec.model.kind, spec.schema, codec, modules, federated_metadata(spec, [1.0 / k] * k)
+        spec.model.kind, spec.schema, codec, modules, federated_metadata(spec, shares, privacy)
     )
 
 

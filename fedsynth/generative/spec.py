@@ -62,6 +62,10 @@ class ModelSection(_Section):
     critic_hidden: list[Annotated[int, Field(ge=4, le=4096)]] = [128, 128]
     latent_dim: Annotated[int, Field(ge=1, le=1024)] = 32
     default_bins: Annotated[int, Field(ge=2, le=200)] = 16
+    # GAN and VAE: "marginals" pre-trains the network on rows sampled from a DP synopsis
+    # (the marginals kind, measured with privacy.pretrain_share of the budget) before
+    # DP-SGD (fedsynth.generative.pretraining); "none" starts from random weights.
+    pretrain: Literal["none", "marginals"] = "none"
 
 
 class PrivacySection(_Section):
@@ -81,6 +85,9 @@ class PrivacySection(_Section):
     # "shared", the noise is split across federation.min_nodes and only their sum under
     # secure aggregation carries all of it (a sqrt(min_nodes) smaller noise in the model).
     noise: Literal["own", "shared"] = "own"
+    # With model.pretrain = "marginals": share of target_epsilon (alone, before
+    # composition) spent on the synopsis' measurements; DP-SGD gets the rest.
+    pretrain_share: Annotated[float, Field(gt=0, lt=1)] = 0.5
 
     @field_validator("target_epsilon", mode="before")
     @classmethod
@@ -191,14 +198,16 @@ class FederationSpec(_Section):
 
     @model_validator(mode="before")
     @classmethod
-    def _marginals_default_to_rdp(cls, raw: Any) -> Any:
-        """A marginals federation's default accountant is RDP (see _rdp_for_marginals)."""
+    def _rdp_by_default_for_measurements(cls, raw: Any) -> Any:
+        """The default accountant is RDP where marginals measurements are made: a
+        marginals federation, or a network pre-trained on a marginals synopsis (see
+        _rdp_for_marginals and _pretraining_composes_in_rdp)."""
         model, privacy = (
             raw.get(k) if isinstance(raw, dict) else None for k in ("model", "privacy")
         )
         if (
             isinstance(model, dict)
-            and model.get("kind") == "marginals"
+            and (model.get("kind") == "marginals" or model.get("pretrain") == "marginals")
             and isinstance(privacy, dict)
             and "accountant" not in privacy
         ):
@@ -237,6 +246,24 @@ class FederationSpec(_Section):
         return self
 
     @model_validator(mode="after")
+    def _pretraining_composes_in_rdp(self) -> FederationSpec:
+        if self.model.pretrain == "none":
+            return self
+        if self.model.kind == "marginals":
+            raise ValueError(
+                "model.pretrain applies to model.kind = 'gan' or 'vae': it pre-trains a "
+                "network on rows of a marginals synopsis"
+            )
+        if self.privacy.is_private and self.privacy.accountant != "rdp":
+            # the synopsis' discrete Gaussian is proven zCDP (see _rdp_for_marginals), and
+            # one history composes it with DP-SGD, so one accountant must hold both
+            raise ValueError(
+                "privacy.accountant must be 'rdp' with model.pretrain = 'marginals': the "
+                "synopsis' discrete Gaussian noise and DP-SGD compose in one RDP history"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _shared_noise_needs_secure_aggregation(self) -> FederationSpec:
         if self.privacy.noise != "shared":
             return self
@@ -255,7 +282,9 @@ class FederationSpec(_Section):
     @model_validator(mode="after")
     def _exact_counts_for_marginals(self) -> FederationSpec:
         secagg = self.secure_aggregation
-        if self.model.kind == "marginals":  # the plain path carries the same weights
+        # a marginals federation, or the synopsis of a pre-trained network, sums counts
+        # (the plain path carries the same weights)
+        if self.model.kind == "marginals" or self.model.pretrain == "marginals":
             problem = secagg.exact_counts_problem()
             if problem:
                 raise ValueError(f"secure_aggregation: {problem}")
@@ -263,8 +292,8 @@ class FederationSpec(_Section):
                 # every node sends max_weight as its FedAvg weight; a fraction would make
                 # SecAgg+ scale the counts by round(weight / max_weight * levels) / levels
                 raise ValueError(
-                    "secure_aggregation.max_weight must be a whole number with model.kind = "
-                    f"'marginals', got {secagg.max_weight:g}"
+                    "secure_aggregation.max_weight must be a whole number with marginals "
+                    f"measurements, got {secagg.max_weight:g}"
                 )
         return self
 

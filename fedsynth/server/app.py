@@ -53,7 +53,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from logging import WARNING
 from pathlib import Path
@@ -78,7 +78,7 @@ from flwr.serverapp.grid import Grid
 from flwr.superlink.grid.http_grid import HttpGrid
 from sqlalchemy import select
 
-from fedsynth.generative import marginals, rounds
+from fedsynth.generative import marginals, pretraining, rounds
 from fedsynth.generative.codec import codec_of
 from fedsynth.generative.model import SynthModel
 from fedsynth.generative.spec import FederationSpec, load_spec
@@ -179,17 +179,15 @@ class FederationServer:
     """Wires the records, audit log, registry and Flower workflows for one run."""
 
     def __init__(
-        self, settings: ServerSettings, on_round: Callable[[RoundEvent], None] | None = None
+        self,
+        settings: ServerSettings,
+        on_round: Callable[[RoundEvent], None] | None = None,
+        spec: FederationSpec | None = None,
     ) -> None:
+        """``spec``: this run's spec instead of ``settings.spec_path``'s (a pre-trained
+        network's synopsis run, see :func:`make_server_app`)."""
         self.on_round = on_round
-        spec = load_spec(settings.spec_path)
-        if settings.rounds or settings.steps:
-            raw = spec.model_dump(mode="python")
-            if settings.rounds:
-                raw["federation"]["rounds"] = settings.rounds
-            if settings.steps:
-                raw["training"].update(epochs=None, steps=settings.steps)
-            spec = FederationSpec.model_validate(raw)
+        spec = spec or _spec_with_overrides(settings)
         if spec.model.kind == "marginals" and spec.federation.rounds != len(marginals.PHASES):
             # its rounds are its three measurements (fedsynth.generative.marginals)
             raw = spec.model_dump(mode="python")
@@ -210,6 +208,9 @@ class FederationServer:
         self._why_not: dict[int, list[str]] = {}  # round -> why each node it lost did not take part
         self._caps: dict[str, float] = {}  # institution -> the cap it last reported
         self.skipped = ""  # why the last round skipped was (the round_skipped reason)
+        # model.pretrain: the registered synopsis (its id) and what the model says of it
+        self.synopsis_model: str | None = None
+        self.pretraining: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ records
     def start_run(self) -> None:
@@ -354,6 +355,8 @@ class FederationServer:
         if existing is not None:
             return existing  # registered just before a crash: nothing left to do
         is_marginals = spec.model.kind == "marginals"
+        if spec.model.pretrain != "none":
+            synopsis = self._synopsis()  # also on resume: the model's metadata names it
         if done:
             initial = self.registry.load_checkpoint(spec.federation.name, self.run_id, done)
         elif is_marginals:
@@ -361,6 +364,20 @@ class FederationServer:
                 a.astype(np.float32)
                 for a in marginals.initial_state(marginals.domain_sizes(codec_of(spec)))
             ]
+        elif spec.model.pretrain != "none":
+            initial = rounds.get_arrays(rounds.initial_model(spec, synopsis))
+            self.audit.append(
+                "model_pretrained",
+                ACTOR,
+                {
+                    "federation": spec.federation.name,
+                    "run": self.run_id,
+                    "synopsis_model": self.synopsis_model,
+                    "fitted_sha256": synopsis.fitted_digest(),
+                    "rows": pretraining.PRETRAIN_ROWS,
+                    "steps": pretraining.PRETRAIN_STEPS,
+                },
+            )
         else:
             initial = rounds.get_arrays(rounds.initial_model(spec))
         message_config: dict[str, Scalar] = {
@@ -758,6 +775,33 @@ class FederationServer:
         if model_id is not None and model_id not in logged["model_registered"]:
             self.audit.append("model_registered", ACTOR, {**base, "model": model_id})
 
+    def _synopsis(self) -> marginals.MarginalModel:
+        """The registered synopsis a pre-trained network starts from (verified by the
+        registry's signature), checked to be this spec's: the same schema and epsilon."""
+        spec = self.spec
+        if self.synopsis_model is None:
+            raise RoundFailed(
+                f"{spec.federation.name}: model.pretrain = {spec.model.pretrain!r} needs "
+                "its synopsis measured first (fedsynth.server.app.make_server_app)"
+            )
+        synopsis = self.registry.load(self.synopsis_model)
+        expected = pretraining.synopsis_spec(spec)
+        if (
+            not isinstance(synopsis, marginals.MarginalModel)
+            or synopsis.metadata["schema"] != expected.schema.public_dict()
+            or synopsis.metadata["privacy"]["target_epsilon"]
+            != (expected.privacy.target_epsilon if expected.privacy.is_private else "inf")
+        ):
+            raise RoundFailed(
+                f"model {self.synopsis_model} is not the synopsis of {spec.federation.name}'s "
+                "spec (kind, schema or epsilon differ)"
+            )
+        self.pretraining = {
+            **pretraining.describe(spec, synopsis),
+            "synopsis_model": self.synopsis_model,
+        }
+        return synopsis
+
     def _registered_model(self) -> str | None:
         """The model version this run registered already, if any."""
         with self.db.session() as s:
@@ -780,6 +824,8 @@ class FederationServer:
         else:
             model = rounds.initial_model(spec)
             rounds.set_arrays(model, arrays)
+            if self.pretraining:
+                model.metadata["privacy"]["pretraining"] = self.pretraining
         fitted_digest = (
             model.fitted_digest() if isinstance(model, marginals.MarginalModel) else None
         )
@@ -952,6 +998,19 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+def _spec_with_overrides(settings: ServerSettings) -> FederationSpec:
+    """The spec file's spec, with the run config's rounds and steps overrides."""
+    spec = load_spec(settings.spec_path)
+    if not (settings.rounds or settings.steps):
+        return spec
+    raw = spec.model_dump(mode="python")
+    if settings.rounds:
+        raw["federation"]["rounds"] = settings.rounds
+    if settings.steps:
+        raw["training"].update(epochs=None, steps=settings.steps)
+    return FederationSpec.model_validate(raw)
+
+
 def make_server_app(
     overrides: dict[str, Any] | None = None, on_round: Callable[[RoundEvent], None] | None = None
 ) -> ServerApp:
@@ -965,7 +1024,20 @@ def make_server_app(
         if isinstance(grid, HttpGrid):  # the deployment engine: see fedsynth.server.prompt_grid
             grid = PromptGrid(grid)
             prompt_replies()
-        FederationServer(ServerSettings.from_run_config(config), on_round).run(grid, context)
+        settings = ServerSettings.from_run_config(config)
+        server = FederationServer(settings, on_round)
+        if server.spec.model.pretrain != "none":
+            # The synopsis first: a marginals run of the same federation (so the nodes'
+            # ledgers compose both), registered like any model; then the network's run
+            # starts from weights pre-trained on it (fedsynth.generative.pretraining).
+            name = f"{settings.run_name}.synopsis" if settings.run_name else ""
+            synopsis = FederationServer(
+                replace(settings, run_name=name),
+                on_round,
+                spec=pretraining.synopsis_spec(server.spec),
+            )
+            server.synopsis_model = synopsis.run(grid, context)
+        server.run(grid, context)
 
     return app
 
